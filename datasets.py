@@ -1,0 +1,569 @@
+"""AttnGAN-layout text-image data (CUB birds, COCO, the synthetic shapes set).
+
+Reads the layout of DESIGN §4, crops birds around their boxes, tokenizes captions with CLIP's
+BPE once at start-up, and serves random crops at every GAN scale plus two captions per image.
+The decoded, cropped, resized images can be cached once in a memory-mapped uint8 file
+(`prepare_data.py cache`) so epochs never re-decode JPEGs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from miscc.utils import atomic_write_bytes
+
+BIRDS_LAYOUT = """\
+  <DATA_DIR>/train/filenames.pickle   <DATA_DIR>/test/filenames.pickle
+  <DATA_DIR>/train/class_info.pickle  <DATA_DIR>/test/class_info.pickle
+  <DATA_DIR>/text/<key>.txt
+  <DATA_DIR>/CUB_200_2011/images/<key>.jpg
+  <DATA_DIR>/CUB_200_2011/images.txt  <DATA_DIR>/CUB_200_2011/bounding_boxes.txt"""
+
+COCO_LAYOUT = """\
+  <DATA_DIR>/train/filenames.pickle   <DATA_DIR>/test/filenames.pickle
+  <DATA_DIR>/text/<key>.txt
+  <DATA_DIR>/images/<key>.jpg"""
+
+MAX_BAD_FRACTION = 0.01  # more unreadable images than this (and more than 2) is an error
+
+
+class DataError(RuntimeError):
+    """A user-fixable problem with the data directory (missing files, too many bad images)."""
+
+
+# --------------------------------------------------------------------------- safe pickles
+_SAFE_BUILTINS = {"list", "dict", "tuple", "set", "frozenset", "str", "bytes", "bytearray",
+                  "int", "float", "bool", "complex"}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Allows only builtin containers and scalars: a data file must never execute code."""
+
+    def find_class(self, module: str, name: str):
+        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
+            return getattr(__import__("builtins"), name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: metadata pickles may only hold lists, dicts, "
+            "strings and numbers"
+        )
+
+
+def safe_load_pickle(path: str | Path):
+    """Load a (possibly Python-2) metadata pickle with the restricted unpickler."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        try:
+            return _RestrictedUnpickler(handle, encoding="latin1").load()
+        except pickle.UnpicklingError as err:
+            raise DataError(f"{path}: {err}") from err
+        except (EOFError, ValueError) as err:
+            raise DataError(f"{path}: not a readable pickle ({err})") from err
+
+
+def write_pickle(obj, path: str | Path) -> None:
+    """Write a metadata pickle (protocol 2, as the distributed files) atomically."""
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=2))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+class CaptionTokenizer:
+    """CLIP BPE tokenization to a fixed length: [SOT, words…, EOT, 0…] of WORDS_NUM + 2.
+
+    Captions longer than `words_num` BPE tokens are cut (the count is kept in `truncated`).
+    """
+
+    CLIP_CONTEXT = 77
+
+    def __init__(self, words_num: int) -> None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if not 1 <= words_num <= self.CLIP_CONTEXT - 2:
+            raise ValueError(f"TEXT.WORDS_NUM must be in 1..75 (CLIP context 77), got {words_num}")
+        self._bpe = SimpleTokenizer()
+        self.words_num = words_num
+        self.context = words_num + 2
+        self.sot = self._bpe.sot_token_id
+        self.eot = self._bpe.eot_token_id
+        self.truncated = 0
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids [context] for one caption."""
+        ids = self._bpe.encode(text)
+        if len(ids) > self.words_num:
+            self.truncated += 1
+            ids = ids[: self.words_num]
+        out = torch.zeros(self.context, dtype=torch.long)
+        out[: len(ids) + 2] = torch.tensor([self.sot, *ids, self.eot])
+        return out
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [len(texts), context]."""
+        if not texts:
+            return torch.zeros(0, self.context, dtype=torch.long)
+        return torch.stack([self.encode(t) for t in texts])
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """The BPE word pieces of one caption (no SOT/EOT/padding), for attention-map titles."""
+        ids = [int(t) for t in tokens if int(t) not in (0, self.sot, self.eot)]
+        return [self._bpe.decode([i]).strip() for i in ids]
+
+
+# -------------------------------------------------------------------------------- layout
+@dataclass
+class SplitInfo:
+    """What one split of a data directory holds after validation."""
+
+    keys: list[str]
+    class_ids: list[int]
+    captions: list[list[str]]
+    image_paths: list[Path]
+    boxes: list[tuple[float, float, float, float] | None]
+    skipped_missing: list[str] = field(default_factory=list)
+    skipped_no_caption: list[str] = field(default_factory=list)
+    empty_lines: int = 0
+
+
+def is_coco(cfg) -> bool:
+    """COCO layout (images/, no boxes) when DATASET_NAME names COCO; birds layout otherwise."""
+    return str(cfg.DATASET_NAME).lower().startswith("coco")
+
+
+def _require(path: Path, layout: str, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}\nExpected layout:\n{layout}")
+
+
+def read_boxes(root: Path) -> dict[str, tuple[float, float, float, float]]:
+    """CUB boxes by image key, from images.txt + bounding_boxes.txt."""
+    cub = root / "CUB_200_2011"
+    for name in ("images.txt", "bounding_boxes.txt"):
+        _require(cub / name, BIRDS_LAYOUT, "CUB metadata file")
+    ids = {}
+    for line in (cub / "images.txt").read_text().splitlines():
+        if line.strip():
+            idx, rel = line.split(maxsplit=1)
+            ids[idx] = rel.strip().rsplit(".", 1)[0]
+    boxes = {}
+    for line in (cub / "bounding_boxes.txt").read_text().splitlines():
+        if line.strip():
+            idx, *vals = line.split()
+            boxes[ids[idx]] = tuple(float(v) for v in vals[:4])
+    return boxes
+
+
+def read_split(cfg, split: str) -> SplitInfo:
+    """Validate and read one split's filenames, class ids, captions, image paths and boxes."""
+    root = Path(cfg.DATA_DIR)
+    coco = is_coco(cfg)
+    layout = COCO_LAYOUT if coco else BIRDS_LAYOUT
+    if not str(cfg.DATA_DIR) or not root.is_dir():
+        raise DataError(f"DATA_DIR {str(cfg.DATA_DIR)!r} is not a directory.\n"
+                        f"Expected layout:\n{layout}")
+    names_file = root / split / "filenames.pickle"
+    _require(names_file, layout, f"{split} file list")
+    keys = [str(k) for k in safe_load_pickle(names_file)]
+    if coco:
+        class_ids = list(range(len(keys)))
+        image_dir, boxes_by_key = root / "images", {}
+    else:
+        class_file = root / split / "class_info.pickle"
+        _require(class_file, layout, f"{split} class ids")
+        class_ids = [int(c) for c in safe_load_pickle(class_file)]
+        if len(class_ids) != len(keys):
+            raise DataError(f"{class_file}: {len(class_ids)} class ids for {len(keys)} filenames")
+        image_dir, boxes_by_key = root / "CUB_200_2011" / "images", read_boxes(root)
+    _require(root / "text", layout, "caption directory")
+    _require(image_dir, layout, "image directory")
+
+    info = SplitInfo([], [], [], [], [])
+    per_image = int(cfg.TEXT.CAPTIONS_PER_IMAGE)
+    for key, cls in zip(keys, class_ids, strict=True):
+        image_path = image_dir / f"{key}.jpg"
+        text_path = root / "text" / f"{key}.txt"
+        if not image_path.is_file() or not text_path.is_file():
+            info.skipped_missing.append(key)
+            continue
+        lines = text_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        caps = [ln.strip() for ln in lines if ln.strip()]
+        info.empty_lines += len(lines) - len(caps)
+        if not caps:
+            info.skipped_no_caption.append(key)
+            continue
+        info.keys.append(key)
+        info.class_ids.append(cls)
+        info.captions.append(caps[:per_image])
+        info.image_paths.append(image_path)
+        info.boxes.append(boxes_by_key.get(key))
+    if not info.keys:
+        raise DataError(f"{root}/{split}: no usable images (missing {len(info.skipped_missing)}, "
+                        f"without captions {len(info.skipped_no_caption)})")
+    return info
+
+
+# -------------------------------------------------------------------------------- images
+def crop_box(img: Image.Image, box: tuple[float, float, float, float] | None) -> Image.Image:
+    """Square of side 1.5·max(w, h) centred on the box, clipped to the image (AttnGAN's crop)."""
+    if box is None:
+        return img
+    x, y, w, h = box
+    r = int(max(w, h) * 0.75)
+    cx, cy = int((2 * x + w) / 2), int((2 * y + h) / 2)
+    width, height = img.size
+    left, right = max(0, cx - r), min(width, cx + r)
+    top, bottom = max(0, cy - r), min(height, cy + r)
+    return img.crop((left, top, right, bottom))
+
+
+def square_resize(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` and centre-crop the longer one to a square."""
+    width, height = img.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image(path: Path, box, size: int) -> np.ndarray:
+    """Decode, crop and resize one image to uint8 [size, size, 3]; raises OSError if unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        rgb = img.convert("RGB")
+    return np.asarray(square_resize(crop_box(rgb, box), size), dtype=np.uint8)
+
+
+def image_sizes(cfg) -> list[int]:
+    """The GAN scales: BASE_SIZE · 2^i for i < BRANCH_NUM."""
+    return [int(cfg.TREE.BASE_SIZE) * 2**i for i in range(int(cfg.TREE.BRANCH_NUM))]
+
+
+def load_size_for(sizes: list[int]) -> int:
+    """Stored/decoded size before the random crop: 76/64 of the largest scale (AttnGAN)."""
+    return int(max(sizes) * 76 / 64)
+
+
+# --------------------------------------------------------------------------------- cache
+def cache_paths(cfg, split: str, size: int) -> tuple[Path, Path]:
+    """(array file, index file) of the preprocessed image cache for a split at a size."""
+    base = Path(cfg.DATA_DIR) / "cache" / f"{split}_{size}px"
+    return base.with_suffix(".npy"), base.with_suffix(".json")
+
+
+def keys_digest(keys: list[str]) -> str:
+    """A short hash of an image list (detects a changed split)."""
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def build_image_cache(cfg, split: str, size: int, progress: bool = True) -> dict:
+    """Decode+crop+resize every image of `split` once into `<DATA_DIR>/cache/<split>_<size>px.npy`.
+
+    Unreadable images are recorded (and later skipped). The array is written to a temp file
+    and renamed, then the index; an interrupted build leaves no half cache behind.
+    """
+    from tqdm import tqdm
+
+    info = read_split(cfg, split)
+    array_path, index_path = cache_paths(cfg, split, size)
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = array_path.with_name(f".{array_path.name}.tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                    shape=(len(info.keys), size, size, 3))
+    bad: list[str] = []
+    for i, (key, path, box) in enumerate(
+        tqdm(list(zip(info.keys, info.image_paths, info.boxes, strict=True)),
+             desc=f"cache {split} {size}px", disable=not progress)
+    ):
+        try:
+            out[i] = load_image(path, box, size)
+        except (OSError, ValueError, SyntaxError) as err:
+            bad.append(key)
+            warnings.warn(f"unreadable image skipped: {path} ({err})", stacklevel=2)
+    out.flush()
+    del out
+    tmp.replace(array_path)
+    index = {"keys": info.keys, "digest": keys_digest(info.keys), "size": size, "bad": bad}
+    atomic_write_bytes(index_path, json.dumps(index).encode())
+    return index
+
+
+def open_image_cache(cfg, split: str, size: int, keys: list[str]) -> tuple[np.ndarray, set[str]]:
+    """Memory-map a cache built for exactly `keys`; returns (array, bad keys) or raises."""
+    array_path, index_path = cache_paths(cfg, split, size)
+    if not array_path.is_file() or not index_path.is_file():
+        raise FileNotFoundError(array_path)
+    index = json.loads(index_path.read_text())
+    if index.get("digest") != keys_digest(keys):
+        raise DataError(f"{array_path} was built for another image list; "
+                        "rebuild it with `python prepare_data.py cache --cfg <config>`")
+    return np.load(array_path, mmap_mode="r"), set(index.get("bad", []))
+
+
+# ------------------------------------------------------------------------------- dataset
+class TextImageDataset(Dataset):
+    """One item per image: random crops at every scale (`views` of them) + two captions.
+
+    Item: imgs — list over `sizes` of float tensors [views, 3, s, s] in [-1, 1] (all scales of
+    one view come from the same crop/flip); tokens [2, L]; cap_idx [2]; class_id; key; index.
+    Training items take a random crop/flip and two different random captions; evaluation
+    items (train=False) the centre crop and captions (0, 1).
+    """
+
+    def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
+                 views: int = 1, train: bool = True, use_cache: bool = True) -> None:
+        self.info = read_split(cfg, split)
+        self.split, self.sizes, self.views, self.train = split, sorted(sizes), views, train
+        self.crop = max(sizes)
+        self.load_size = load_size_for(sizes) if train else self.crop
+        self.keys, self.class_ids = self.info.keys, torch.tensor(self.info.class_ids)
+        per_image = int(cfg.TEXT.CAPTIONS_PER_IMAGE)
+        self.num_captions = torch.tensor([len(c) for c in self.info.captions])
+        self.tokens = torch.zeros(len(self.keys), per_image, tokenizer.context, dtype=torch.long)
+        for i, caps in enumerate(self.info.captions):
+            self.tokens[i, : len(caps)] = tokenizer(caps)
+        self.truncated = tokenizer.truncated
+        self.cache, self.bad = None, set()
+        if use_cache:
+            with contextlib.suppress(FileNotFoundError):
+                self.cache, self.bad = open_image_cache(cfg, split, self.load_size, self.keys)
+        self._failures: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _pixels(self, index: int) -> np.ndarray:
+        if self.cache is not None:
+            return np.array(self.cache[index])  # copy out of the read-only memory map
+        return load_image(self.info.image_paths[index], self.info.boxes[index], self.load_size)
+
+    def _usable(self, index: int) -> tuple[int, np.ndarray]:
+        """Pixels of `index`, or of the next readable image (unreadable ones are counted)."""
+        for step in range(len(self)):
+            i = (index + step) % len(self)
+            if self.keys[i] in self.bad or i in self._failures:
+                continue
+            try:
+                return i, self._pixels(i)
+            except (OSError, ValueError, SyntaxError) as err:
+                self._failures.add(i)
+                warnings.warn(f"unreadable image skipped: {self.info.image_paths[i]} ({err})",
+                              stacklevel=2)
+                limit = max(2, int(MAX_BAD_FRACTION * len(self)))
+                if len(self._failures) + len(self.bad) > limit:
+                    raise DataError(
+                        f"{len(self._failures) + len(self.bad)} unreadable images in the "
+                        f"{self.split} split (more than {MAX_BAD_FRACTION:.0%}); run "
+                        "`python prepare_data.py check --cfg <config>` to list them"
+                    ) from err
+        raise DataError(f"no readable image in the {self.split} split")
+
+    @property
+    def skipped(self) -> int:
+        """Images skipped as unreadable so far (this process) plus those the cache marked bad."""
+        return len(self._failures) + len(self.bad)
+
+    def _view(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """One crop/flip of a [3, H, W] uint8 image, resized to every scale, in [-1, 1]."""
+        h, w = pixels.shape[1:]
+        if self.train:
+            top = int(torch.randint(0, h - self.crop + 1, ()))
+            left = int(torch.randint(0, w - self.crop + 1, ()))
+        else:
+            top, left = (h - self.crop) // 2, (w - self.crop) // 2
+        crop = pixels[:, top: top + self.crop, left: left + self.crop].float()
+        if self.train and bool(torch.rand(()) < 0.5):
+            crop = crop.flip(-1)
+        out = []
+        for size in self.sizes:
+            img = crop if size == self.crop else F.interpolate(
+                crop[None], size=(size, size), mode="bilinear", antialias=True,
+                align_corners=False)[0]
+            out.append(img / 127.5 - 1.0)
+        return out
+
+    def _caption_pair(self, index: int) -> torch.Tensor:
+        n = int(self.num_captions[index])
+        if n == 1:
+            return torch.zeros(2, dtype=torch.long)
+        if not self.train:
+            return torch.tensor([0, 1])
+        first = int(torch.randint(0, n, ()))
+        second = (first + 1 + int(torch.randint(0, n - 1, ()))) % n
+        return torch.tensor([first, second])
+
+    def __getitem__(self, index: int) -> dict:
+        index, pixels = self._usable(index)
+        chw = torch.from_numpy(pixels).permute(2, 0, 1)
+        views = [self._view(chw) for _ in range(self.views)]
+        imgs = [torch.stack([v[s] for v in views]) for s in range(len(self.sizes))]
+        cap_idx = self._caption_pair(index)
+        return {
+            "imgs": imgs,
+            "tokens": self.tokens[index, cap_idx],
+            "cap_idx": cap_idx,
+            "class_id": self.class_ids[index],
+            "key": self.keys[index],
+            "index": index,
+        }
+
+
+class SplitImages(Dataset):
+    """Deterministic uint8 [3, S, S] images of a split (box crop + square resize), e.g. for FID."""
+
+    def __init__(self, cfg, split: str, size: int) -> None:
+        self.info = read_split(cfg, split)
+        self.keys, self.size = self.info.keys, size
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        pixels = load_image(self.info.image_paths[index], self.info.boxes[index], self.size)
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def check_batch_size(dataset: Dataset, batch_size: int, what: str) -> None:
+    """Fail clearly when a split is smaller than one batch (training drops the last batch)."""
+    if len(dataset) < batch_size:
+        raise DataError(f"TRAIN.BATCH_SIZE={batch_size} is larger than the {what} split "
+                        f"({len(dataset)} usable images); lower TRAIN.BATCH_SIZE")
+
+
+# ------------------------------------------------------------------------ synthetic shapes
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220),
+           "yellow": (240, 210, 20), "purple": (140, 40, 170), "orange": (250, 130, 20)}
+SIZES = {"small": 0.13, "medium": 0.2, "large": 0.28}  # radius as a fraction of the side
+POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
+             "bottom right": (0.7, 0.7), "center": (0.5, 0.5)}
+BACKGROUNDS = {"white": ((255, 255, 255),), "black": ((20, 20, 20),),
+               "gray": ((150, 150, 150),), "white and gray": ((255, 255, 255), (150, 150, 150)),
+               "light blue and white": ((170, 200, 240), (255, 255, 255))}
+TEMPLATES = (
+    "{a} {size} {colour} {shape} in the {pos} on a {bg} background",
+    "the picture shows {a} {size} {colour} {shape}",
+    "{a} {colour} {shape} placed in the {pos}",
+    "there is {a} {size} {shape} that is {colour}",
+    "this image contains one {colour} {shape} on a {bg} background",
+    "{a} {shape} coloured {colour} sits in the {pos} of the picture",
+    "{size} {colour} {shape} with a {bg} background",
+    "a single {colour} {shape} near the {pos}",
+    "an image of {a} {size} {shape} in {colour}",
+    "the {shape} in the {pos} is {colour} and {size}",
+)
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Polygon vertices of a shape of 'radius' r centred at (cx, cy)."""
+    if shape == "square":
+        s = r * 0.85
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)]
+    if shape == "star":
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        return list(zip(cx + radii * np.cos(angles), cy - radii * np.sin(angles), strict=True))
+    if shape == "cross":
+        a, b = r, r * 0.33
+        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b),
+                (cx + a, cy + b), (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a),
+                (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
+    raise ValueError(shape)
+
+
+def draw_shape_image(shape: str, colour: str, size_word: str, pos: str, bg: str,
+                     px: int) -> Image.Image:
+    """Render one shapes-set picture (drawn at 4x and downsampled for smooth edges)."""
+    from PIL import ImageDraw
+
+    big = px * 4
+    tones = BACKGROUNDS[bg]
+    img = Image.new("RGB", (big, big), tones[0])
+    draw = ImageDraw.Draw(img)
+    if len(tones) == 2:
+        draw.rectangle((0, big // 2, big, big), fill=tones[1])
+    fx, fy = POSITIONS[pos]
+    cx, cy, r = fx * big, fy * big, SIZES[size_word] * big
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
+    else:
+        draw.polygon(_shape_points(shape, cx, cy, r), fill=COLOURS[colour])
+    return img.resize((px, px), Image.LANCZOS)
+
+
+def shapes_captions(shape: str, colour: str, size_word: str, pos: str, bg: str) -> list[str]:
+    """The ten templated captions of one picture."""
+    words = {"size": size_word, "colour": colour, "shape": shape, "pos": pos, "bg": bg}
+    out = []
+    for template in TEMPLATES:
+        # the article agrees with the word that follows it in this template
+        following = template.split("{a} ", 1)[1].split(" ", 1)[0] if "{a}" in template else "{x}"
+        first = words.get(following.strip("{}"), "x")
+        out.append(template.format(a="an" if first[0] in "aeiou" else "a", **words))
+    return out
+
+
+def make_shapes_dataset(out: str | Path, n_train: int = 800, n_test: int = 200,
+                        size: int = 64, seed: int = 0) -> dict:
+    """Write the synthetic shapes set in exactly the CUB birds layout (deterministic per seed).
+
+    Class id = (shape, colour) pair, 1-based like CUB; boxes cover the whole picture so the
+    positions named in the captions survive the box crop.
+    """
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    images_dir = out / "CUB_200_2011" / "images"
+    (out / "text").mkdir(parents=True, exist_ok=True)
+    lines_images, lines_boxes = [], []
+    image_id = 0
+    names = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
+             "pos": list(POSITIONS), "bg": list(BACKGROUNDS)}
+    for split, count in (("train", n_train), ("test", n_test)):
+        keys, classes = [], []
+        for i in range(count):
+            pick = {k: v[int(rng.integers(len(v)))] for k, v in names.items()}
+            if pick["bg"] == "black" and pick["colour"] in ("purple", "blue"):
+                pick["bg"] = "white"  # keep every shape clearly visible
+            cls = SHAPES.index(pick["shape"]) * len(COLOURS) + list(COLOURS).index(
+                pick["colour"]) + 1
+            folder = f"{cls:03d}.{pick['colour']}_{pick['shape']}"
+            key = f"{folder}/{split}_{pick['colour']}_{pick['shape']}_{i:05d}"
+            (images_dir / folder).mkdir(parents=True, exist_ok=True)
+            (out / "text" / folder).mkdir(parents=True, exist_ok=True)
+            img = draw_shape_image(pick["shape"], pick["colour"], pick["size"], pick["pos"],
+                                   pick["bg"], size)
+            img.save(images_dir / f"{key}.jpg", quality=95)
+            caps = shapes_captions(pick["shape"], pick["colour"], pick["size"], pick["pos"],
+                                   pick["bg"])
+            (out / "text" / f"{key}.txt").write_text("\n".join(caps) + "\n")
+            image_id += 1
+            lines_images.append(f"{image_id} {key}.jpg")
+            lines_boxes.append(f"{image_id} 0.0 0.0 {float(size)} {float(size)}")
+            keys.append(key)
+            classes.append(cls)
+        (out / split).mkdir(parents=True, exist_ok=True)
+        write_pickle(keys, out / split / "filenames.pickle")
+        write_pickle(classes, out / split / "class_info.pickle")
+    (out / "CUB_200_2011" / "images.txt").write_text("\n".join(lines_images) + "\n")
+    (out / "CUB_200_2011" / "bounding_boxes.txt").write_text("\n".join(lines_boxes) + "\n")
+    (out / "example_filenames.txt").write_text("example_captions\n")
+    (out / "example_captions.txt").write_text(
+        "a large red circle in the center on a white background\n"
+        "a small blue square in the top left on a gray background\n"
+        "the picture shows a medium green triangle\n"
+        "a yellow star placed in the bottom right\n")
+    return {"train": n_train, "test": n_test, "size": size, "classes": len(SHAPES) * len(COLOURS)}

@@ -1,0 +1,351 @@
+"""Configuration: defaults, strict YAML merge, legacy-key mapping and shared command-line parsing.
+
+Every script builds its parser with `build_parser`, then calls `config_from_args`, so all of
+them accept the same `--cfg/--gpu/--data_dir/--manualSeed/--set/--print-config` options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import sys
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from easydict import EasyDict
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in a config file or a `--set` override."""
+
+
+def default_config() -> EasyDict:
+    """Return a fresh copy of every key with its default (AttnGAN/DM-GAN names + CLIP section)."""
+    return EasyDict(
+        {
+            "CONFIG_NAME": "",
+            "DATASET_NAME": "birds",
+            "DATA_DIR": "",
+            "OUTPUT_DIR": "",  # '' -> output/<DATASET_NAME>_<CONFIG_NAME>
+            "GPU_ID": 0,
+            "CUDA": True,
+            "WORKERS": 4,
+            "SEED": 100,
+            "B_VALIDATION": False,
+            "TREE": {"BRANCH_NUM": 3, "BASE_SIZE": 64},
+            "TRAIN": {
+                "FLAG": True,
+                "BATCH_SIZE": 48,
+                "MAX_EPOCH": 600,
+                "SNAPSHOT_INTERVAL": 5,
+                "NET_G": "",
+                "NET_E": "",
+                "B_NET_D": True,
+                "DISCRIMINATOR_LR": 2e-4,
+                "GENERATOR_LR": 2e-4,
+                "ENCODER_LR": 1e-5,  # CLIP backbone in stage 1
+                "ADAPTER_LR": 1e-3,  # new parameters (region adapter) in stage 1
+                "WEIGHT_DECAY": 0.0,
+                "PCT_START": 0.1,  # one-cycle warm-up fraction
+                "RNN_GRAD_CLIP": 0.25,  # gradient-norm clip (name kept from AttnGAN)
+                "MAX_STEPS": 0,  # >0: stop after this many optimizer steps (tests, demos)
+                "CONTRASTIVE_WEIGHT": 0.2,
+                "TEMPERATURE": 0.5,
+                "EMA_DECAY": 0.999,
+                "AMP": True,  # autocast on CUDA (bf16 where supported)
+                "CHANNELS_LAST": True,  # CUDA only
+                "PIN_MEMORY": True,
+                "PERSISTENT_WORKERS": True,
+                "USE_CACHE": True,  # read the prepare_data.py image cache when it exists
+                "SMOOTH": {
+                    "GAMMA1": 4.0,
+                    "GAMMA2": 5.0,
+                    "GAMMA3": 10.0,
+                    "LAMBDA": 5.0,
+                    "ATTNGAN_SCORE": False,  # drop the paper's 1/gamma2 factor like AttnGAN's code
+                },
+            },
+            "GAN": {
+                "DF_DIM": 32,
+                "GF_DIM": 64,
+                "Z_DIM": 100,
+                "CONDITION_DIM": 100,
+                "R_NUM": 2,
+            },
+            "TEXT": {
+                "EMBEDDING_DIM": 512,
+                "CAPTIONS_PER_IMAGE": 10,
+                "WORDS_NUM": 30,  # BPE word tokens kept per caption (context = WORDS_NUM + 2)
+            },
+            "CLIP": {
+                "MODEL": "ViT-B/32",
+                "PRETRAINED": "openai",  # open_clip tag, a local weights file, or '' (random)
+                "ADAPTER": True,  # learnable linear map on region features
+            },
+        }
+    )
+
+
+# Keys of the earlier CLIP+DM-GAN repository: new key path, or None (accepted, ignored, warned).
+LEGACY_KEYS: dict[str, str | None] = {
+    "TRAIN.DEVICE": "GPU_ID",
+    "TRAIN.CLIP_MODEL_CHECKPOINT": "TRAIN.NET_E",
+    "TRAIN.CLIP_MODEL_BASE": "CLIP.MODEL",
+    "TRAIN.BACKBONE_LR": "TRAIN.ENCODER_LR",
+    "TRAIN.CLIP_LR": "TRAIN.ENCODER_LR",
+    "TRAIN.LINEAR_LR": "TRAIN.ADAPTER_LR",
+    "TRAIN.BASE_LR": None,
+    "TRAIN.GAMMA": None,
+    "TRAIN.STEP_SIZE_UP": None,
+    "TRAIN.TRAIN_CLIP_MODEL": None,
+    "GAN.B_ATTENTION": None,
+    "GAN.B_DCGAN": None,
+}
+
+LEGACY_REASONS = {
+    "TRAIN.BASE_LR": "the cyclic schedule was replaced by a one-cycle cosine schedule "
+    "(TRAIN.ENCODER_LR / TRAIN.ADAPTER_LR are its peaks)",
+    "TRAIN.GAMMA": "the cyclic schedule was replaced by a one-cycle cosine schedule",
+    "TRAIN.STEP_SIZE_UP": "the one-cycle schedule's warm-up is TRAIN.PCT_START",
+    "TRAIN.TRAIN_CLIP_MODEL": "CLIP is fine-tuned in stage 1 only and frozen in stage 2",
+    "GAN.B_ATTENTION": "DM-GAN always uses its dynamic memory",
+    "GAN.B_DCGAN": "DM-GAN always uses its dynamic memory",
+}
+
+
+def _convert_legacy(key: str, value: Any) -> Any:
+    """Translate a legacy value into the new key's meaning."""
+    if key == "TRAIN.DEVICE":
+        text = str(value).strip().lower()
+        if text.startswith("cuda"):
+            return int(text.split(":")[1]) if ":" in text else 0
+        if text == "cpu":
+            return -1
+        raise ConfigError(f"TRAIN.DEVICE: expected 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    return value
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _get(tree: dict, path: str) -> Any:
+    node = tree
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _check_type(path: str, default: Any, value: Any, source: str) -> Any:
+    """Return `value` coerced to the default's type, or raise a ConfigError naming both."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    else:  # pragma: no cover - defaults only hold the types above
+        return value
+    raise ConfigError(
+        f"{source}: {path} expects {type(default).__name__} (default {default!r}), "
+        f"got {type(value).__name__} {value!r}"
+    )
+
+
+def _suggest(path: str, valid: Iterable[str]) -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
+    if not close:  # compare the last component only, e.g. BATCHSIZE vs TRAIN.BATCH_SIZE
+        leaf = path.split(".")[-1]
+        leaves = {p.split(".")[-1]: p for p in valid}
+        hits = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        close = [leaves[hits[0]]] if hits else []
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def merge_into(cfg: EasyDict, updates: dict, source: str) -> list[str]:
+    """Merge a nested dict of `updates` into `cfg` strictly; return warnings for legacy keys.
+
+    Unknown keys and wrong types raise ConfigError naming `source`, the key path and the
+    closest valid key.
+    """
+    valid = _flatten(cfg)
+    notes: list[str] = []
+    mapped: dict[str, Any] = {}
+    for path, value in _flatten(updates).items():
+        if path in LEGACY_KEYS:
+            target = LEGACY_KEYS[path]
+            if target is None:
+                notes.append(
+                    f"{source}: legacy key {path} is ignored: {LEGACY_REASONS[path]}"
+                )
+                continue
+            mapped.setdefault(target, _convert_legacy(path, value))
+            notes.append(f"{source}: legacy key {path} mapped to {target}")
+            continue
+        if path not in valid:
+            raise ConfigError(f"{source}: unknown key {path}{_suggest(path, valid)}")
+        mapped[path] = value
+    for path, value in mapped.items():
+        _set(cfg, path, _check_type(path, valid[path], value, source))
+    if "CLIP.MODEL" in mapped and "CLIP.PRETRAINED" not in mapped:
+        model = str(mapped["CLIP.MODEL"])
+        if model.startswith("openai/"):
+            cfg.CLIP.PRETRAINED = "openai"
+    return notes
+
+
+def apply_overrides(cfg: EasyDict, overrides: Iterable[str]) -> list[str]:
+    """Apply `KEY=VALUE` strings, typed like the key's default, with the same checks as a file."""
+    notes: list[str] = []
+    defaults = _flatten(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. TRAIN.BATCH_SIZE=16")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        tree: dict = {}
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        # string keys take the text as is (a CONFIG_NAME of '123' stays a string)
+        keep_text = isinstance(defaults.get(key), str) or text == ""
+        try:
+            node[leaf] = text if keep_text else yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: cannot parse {text!r}: {err}") from err
+        notes += merge_into(cfg, tree, f"--set {key}")
+    return notes
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with `yaml.safe_load`, failing clearly on a missing/invalid file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def finalize(cfg: EasyDict) -> EasyDict:
+    """Fill derived values (default OUTPUT_DIR)."""
+    if not cfg.OUTPUT_DIR:
+        name = f"{cfg.DATASET_NAME}_{cfg.CONFIG_NAME}" if cfg.CONFIG_NAME else cfg.DATASET_NAME
+        cfg.OUTPUT_DIR = str(Path("output") / name)
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] = (), quiet: bool = False
+) -> EasyDict:
+    """Defaults, then the YAML file at `path`, then `KEY=VALUE` overrides; strict throughout."""
+    cfg = default_config()
+    notes: list[str] = []
+    if path is not None:
+        notes += merge_into(cfg, read_yaml(path), str(path))
+    notes += apply_overrides(cfg, overrides)
+    if not quiet:
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+    return finalize(cfg)
+
+
+def to_plain(cfg: dict) -> dict:
+    """A plain-dict deep copy (for YAML dumps and checkpoints)."""
+    return {k: to_plain(v) if isinstance(v, dict) else copy.copy(v) for k, v in cfg.items()}
+
+
+def dump_config(cfg: dict) -> str:
+    """The merged config as YAML text, keys in definition order."""
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False)
+
+
+def save_config(cfg: dict, out_dir: str | Path) -> Path:
+    """Write `config.yml` into `out_dir` atomically and return its path."""
+    from miscc.utils import atomic_write_bytes
+
+    path = Path(out_dir) / "config.yml"
+    atomic_write_bytes(path, dump_config(cfg).encode())
+    return path
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The argument parser every script starts from (the shared options of DESIGN §3)."""
+    return add_common_args(argparse.ArgumentParser(description=description))
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --cfg/--gpu/--data_dir/--manualSeed/--set/--print-config to `parser`."""
+    parser.add_argument("--cfg", dest="cfg_file", default=None, help="YAML config file")
+    parser.add_argument("--gpu", dest="gpu_id", type=int, default=None,
+                        help="GPU index; -1 runs on the CPU")
+    parser.add_argument("--data_dir", default=None, help="overrides DATA_DIR")
+    parser.add_argument("--manualSeed", type=int, default=None, help="overrides SEED")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the merged config and exit")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> EasyDict:
+    """Merge defaults, `--cfg`, the dedicated flags and `--set`; honour `--print-config`.
+
+    Config errors end the program with one line on stderr (exit code 2).
+    """
+    overrides = list(args.overrides)
+    if args.gpu_id is not None:
+        overrides.append(f"GPU_ID={args.gpu_id}")
+    if args.data_dir is not None:
+        overrides.append(f"DATA_DIR={args.data_dir}")
+    if args.manualSeed is not None:
+        overrides.append(f"SEED={args.manualSeed}")
+    try:
+        cfg = load_config(args.cfg_file, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if getattr(args, "print_config", False):
+        sys.stdout.write(dump_config(cfg))
+        raise SystemExit(0)
+    return cfg

@@ -1,0 +1,216 @@
+"""Shared helpers: atomic checkpoint I/O, device selection, seeding/RNG state, distributed setup.
+
+Pictures (image grids, attention maps, loss curves) live in `miscc/pictures.py`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used (missing, truncated, another architecture)."""
+
+
+# ---------------------------------------------------------------- atomic files and checkpoints
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync, then `os.replace` it into place.
+
+    A kill at any moment leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` through `atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
+    """`torch.load(weights_only=True)` on CPU with one clear error for a missing/broken file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, ...
+        raise CheckpointError(f"{what} {path} cannot be read ({type(err).__name__}: {err})") \
+            from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what} {path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """`load_state_dict` that lists missing/unexpected/mis-shaped keys in one message."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    )
+    if missing or unexpected or shapes:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" … (+{len(keys) - 8})" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {show(shapes)}")
+        raise CheckpointError(
+            f"{source} does not match this architecture ({'; '.join(parts)}). "
+            "Check the config (sizes, branch number) it was trained with."
+        )
+    module.load_state_dict(state)
+
+
+def latest_checkpoint(directory: str | Path, pattern: str) -> list[Path]:
+    """Checkpoints matching `pattern` in `directory`, newest (highest number) first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+
+    def number(p: Path) -> int:
+        digits = "".join(ch for ch in p.stem if ch.isdigit())
+        return int(digits) if digits else -1
+
+    return sorted(directory.glob(pattern), key=number, reverse=True)
+
+
+def load_latest_valid(candidates: Iterable[Path], what: str) -> tuple[Path, dict] | None:
+    """The first readable checkpoint among `candidates`; warns about each unreadable one."""
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, what)
+        except CheckpointError as err:
+            warnings.warn(f"skipping unreadable {what}: {err}", stacklevel=2)
+    return None
+
+
+# ----------------------------------------------------------------------------- device, seeds
+def select_device(gpu: int) -> torch.device:
+    """`gpu` -1 = CPU; otherwise that CUDA device, with a clear error when CUDA is missing."""
+    if gpu < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            f"--gpu {gpu} was requested but CUDA is not available on this machine; "
+            "use --gpu -1 to run on the CPU"
+        )
+    if gpu >= torch.cuda.device_count():
+        raise SystemExit(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) found")
+    torch.cuda.set_device(gpu)
+    return torch.device("cuda", gpu)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG state needed to continue a run exactly (saved in checkpoints)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    random.setstate(_tuplify(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(tuple(np_state) if isinstance(np_state, list) else np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return tuple(_tuplify(x) for x in obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------- distributed
+def init_distributed(gpu: int) -> tuple[int, int, torch.device]:
+    """Start torch.distributed when launched by torchrun; return (rank, world size, device).
+
+    nccl with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU (`gpu` -1).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, select_device(gpu)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if gpu >= 0:
+        device = select_device(local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or when not distributed): only this process writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of `value` over ranks (identity when not distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+def barrier() -> None:
+    """`dist.barrier` when distributed."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def cleanup_distributed() -> None:
+    """Tear down the process group if one was started."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
