@@ -241,7 +241,7 @@ def load_image(path: Path, box, size: int) -> np.ndarray:
     with Image.open(path) as img:
         img.load()
         rgb = img.convert("RGB")
-    return np.asarray(square_resize(crop_box(rgb, box), size), dtype=np.uint8)
+    return np.array(square_resize(crop_box(rgb, box), size), dtype=np.uint8)
 
 
 def image_sizes(cfg) -> list[int]:
@@ -389,7 +389,7 @@ class TextImageDataset(Dataset):
             img = crop if size == self.crop else F.interpolate(
                 crop[None], size=(size, size), mode="bilinear", antialias=True,
                 align_corners=False)[0]
-            out.append(img / 127.5 - 1.0)
+            out.append((img / 127.5 - 1.0).clamp_(-1.0, 1.0))
         return out
 
     def _caption_pair(self, index: int) -> torch.Tensor:

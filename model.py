@@ -1,12 +1,12 @@
-"""Networks: `ClipEncoder` (CLIP towers with word and region outputs).
-
-The DM-GAN generator and discriminators are added with the stage-2 work.
+"""Networks: `ClipEncoder` (CLIP towers with word and region outputs)
+and the DM-GAN generator (dynamic-memory stages) and per-scale discriminators.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -46,7 +46,7 @@ def resolve_clip_name(name: str, pretrained: str) -> dict:
     if match:
         size = "B" if match.group(1) == "base" else "L"
         return {"model": f"ViT-{size}-{match.group(2)}{match.group(3) or ''}",
-                "pretrained": pretrained or "openai", "arch": None}
+                "pretrained": pretrained or "openai", "arch": None, "quick_gelu": False}
     if name.startswith("hf-hub:"):
         return {"model": name, "pretrained": "", "arch": None}
     model = name.replace("/", "-")
@@ -72,22 +72,27 @@ def _create_clip(spec: dict, load_weights: bool) -> nn.Module:
             finally:
                 logging.getLogger().setLevel(quiet)
     tag = spec["pretrained"] if load_weights else None
-    quick_gelu = False
-    if tag and not Path(tag).is_file():
-        quick_gelu = bool((get_pretrained_cfg(spec["model"], tag) or {}).get("quick_gelu"))
-    elif spec["pretrained"] == "openai":
-        quick_gelu = True  # rebuilding an OpenAI-initialised encoder from our checkpoint
+    tag_cfg = get_pretrained_cfg(spec["model"], tag) if tag and not Path(tag).is_file() else {}
+    # OpenAI weights need QuickGELU; an encoder rebuilt from our checkpoint keeps its activation
+    quick_gelu = bool(spec.get("quick_gelu")) or bool((tag_cfg or {}).get("quick_gelu"))
+    spec["quick_gelu"] = quick_gelu
     try:
         return open_clip.create_model(spec["model"], pretrained=tag or None,
                                       force_quick_gelu=quick_gelu,
                                       require_pretrained=bool(tag))
     except Exception as err:  # download failure, missing file, unknown tag
+        sources = []
+        if tag_cfg and tag_cfg.get("hf_hub"):
+            sources.append(f"https://huggingface.co/{tag_cfg['hf_hub'].rstrip('/')} "
+                           "(open_clip_pytorch_model.bin)")
+        if tag_cfg and tag_cfg.get("url"):
+            sources.append(tag_cfg["url"])
+        where = "; ".join(sources) or "the open_clip model zoo"
         raise EncoderLoadError(
             f"could not load CLIP weights for model {spec['model']!r} (pretrained={tag!r}): "
             f"{type(err).__name__}: {err}\n"
-            "Without network access, download the weights file elsewhere (e.g. open_clip's "
-            f"`open_clip.create_model('{spec['model']}', pretrained='{tag}')` caches it) and "
-            "pass its path: --set CLIP.PRETRAINED=/path/to/weights.bin (or .pt/.safetensors)"
+            f"Without network access, download the weights from {where} on a machine that has "
+            "it and pass the file: --set CLIP.PRETRAINED=/path/to/weights (.bin/.pt/.safetensors)"
         ) from err
 
 
@@ -101,7 +106,7 @@ class ClipEncoder(nn.Module):
     def __init__(self, spec: dict, adapter: bool = True, load_weights: bool = True) -> None:
         super().__init__()
         self.spec = dict(spec)
-        self.clip = _create_clip(spec, load_weights)
+        self.clip = _create_clip(self.spec, load_weights)
         if not isinstance(self.clip.visual, VisionTransformer):
             raise EncoderLoadError(
                 f"CLIP model {spec['model']!r} has no ViT image tower; region features need a "
@@ -143,7 +148,8 @@ class ClipEncoder(nn.Module):
                 f"(expected format {ENCODER_FORMAT!r}, found {state.get('format')!r})"
             )
         spec = {"model": state["model"], "pretrained": state["pretrained"],
-                "arch": json.loads(state["arch"]) if state["arch"] else None}
+                "arch": json.loads(state["arch"]) if state["arch"] else None,
+                "quick_gelu": bool(state.get("quick_gelu", False))}
         encoder = cls(spec, adapter=bool(state["adapter"]), load_weights=False)
         load_state_strict(encoder, state["state_dict"], f"encoder checkpoint {path}")
         return encoder
@@ -156,6 +162,7 @@ class ClipEncoder(nn.Module):
             "pretrained": self.spec["pretrained"],
             "arch": json.dumps(self.spec["arch"]) if self.spec["arch"] else "",
             "adapter": self.adapter is not None,
+            "quick_gelu": bool(self.spec.get("quick_gelu")),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
 
@@ -206,3 +213,236 @@ class ClipEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor, images: torch.Tensor) -> tuple:
         """Both towers (the entry point DistributedDataParallel wraps)."""
         return (*self.encode_text(tokens), *self.encode_image(images))
+
+
+# =============================================================================== DM-GAN
+# Generator and discriminators of DM-GAN (Zhu et al., CVPR 2019), conditioned on CLIP word and
+# sentence features (DESIGN §8). Written from the paper's equations.
+GENERATOR_FORMAT = "dmgan-generator/1"
+
+
+def gan_arch(cfg, text_dim: int) -> dict:
+    """The architecture numbers a generator checkpoint records (to explain a mismatch)."""
+    base = int(cfg.TREE.BASE_SIZE)
+    if base < 8 or base & (base - 1):
+        raise ValueError(f"TREE.BASE_SIZE must be a power of two >= 8, got {base}")
+    branches = int(cfg.TREE.BRANCH_NUM)
+    if not 1 <= branches <= 3:
+        raise ValueError(f"TREE.BRANCH_NUM must be 1, 2 or 3, got {branches}")
+    return {"BRANCH_NUM": branches, "BASE_SIZE": base, "GF_DIM": int(cfg.GAN.GF_DIM),
+            "DF_DIM": int(cfg.GAN.DF_DIM), "Z_DIM": int(cfg.GAN.Z_DIM),
+            "CONDITION_DIM": int(cfg.GAN.CONDITION_DIM), "R_NUM": int(cfg.GAN.R_NUM),
+            "TEXT_DIM": int(text_dim)}
+
+
+def _up_block(cin: int, cout: int) -> nn.Sequential:
+    """Nearest 2x upsampling, 3x3 conv, batch norm, GLU (halves 2*cout channels to cout)."""
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                         nn.Conv2d(cin, cout * 2, 3, 1, 1, bias=False),
+                         nn.BatchNorm2d(cout * 2), nn.GLU(dim=1))
+
+
+class ResBlock(nn.Module):
+    """x + BN(conv(GLU(BN(conv(x))))) at constant width."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(ch, ch * 2, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(ch * 2), nn.GLU(dim=1),
+                                  nn.Conv2d(ch, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class CondAugment(nn.Module):
+    """Conditioning augmentation: sentence -> (mu, logvar) -> c = mu + sigma * eps."""
+
+    def __init__(self, text_dim: int, cond_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(text_dim, cond_dim * 4)
+        self.cond_dim = cond_dim
+
+    def forward(self, sent: torch.Tensor, eps: torch.Tensor | None = None) -> tuple:
+        h = F.glu(self.fc(sent), dim=-1)
+        mu, logvar = h[:, : self.cond_dim], h[:, self.cond_dim:]
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return mu + eps.to(mu.dtype) * torch.exp(0.5 * logvar), mu, logvar
+
+
+class InitStage(nn.Module):
+    """z ⊕ c -> FC -> 4x4 -> log2(BASE_SIZE/4) up-blocks -> [B, GF_DIM, BASE_SIZE, BASE_SIZE]."""
+
+    def __init__(self, in_dim: int, gf_dim: int, base_size: int) -> None:
+        super().__init__()
+        n_up = int(math.log2(base_size // 4))
+        self.ch = gf_dim * 2**n_up
+        self.fc = nn.Sequential(nn.Linear(in_dim, self.ch * 16 * 2, bias=False),
+                                nn.BatchNorm1d(self.ch * 16 * 2), nn.GLU(dim=1))
+        self.ups = nn.Sequential(*[_up_block(self.ch // 2**i, self.ch // 2 ** (i + 1))
+                                   for i in range(n_up)])
+
+    def forward(self, z_c: torch.Tensor) -> torch.Tensor:
+        return self.ups(self.fc(z_c).view(-1, self.ch, 4, 4))
+
+
+class MemoryStage(nn.Module):
+    """One dynamic-memory refinement stage (memory writing, key addressing, value reading,
+    response gate), then residual blocks and a 2x up-block. All items and words at once."""
+
+    def __init__(self, ch: int, text_dim: int, r_num: int) -> None:
+        super().__init__()
+        self.gate_word = nn.Linear(text_dim, 1)      # A(w_i) of the writing gate
+        self.gate_img = nn.Linear(ch, 1)             # B(r_avg)
+        self.mem_word = nn.Linear(text_dim, ch)      # M_w
+        self.mem_img = nn.Linear(ch, ch)             # M_r
+        self.key = nn.Linear(ch, ch)                 # phi_K
+        self.value = nn.Linear(ch, ch)               # phi_V
+        self.response = nn.Conv2d(ch * 2, 1, 1)      # response gate on [o_j, r_j]
+        self.res = nn.Sequential(*[ResBlock(ch) for _ in range(r_num)])
+        self.up = _up_block(ch, ch)
+        self.scale = ch**-0.5
+
+    def memory(self, h: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> tuple:
+        """Gated memory read for image features h [B, C, H, W] given words [B, T, D] and the
+        real-word mask [B, T]; returns (fused features [B, C, H, W], attention [B, T, H*W])."""
+        b, c, hh, ww = h.shape
+        words = words.to(h.dtype)
+        r_avg = h.mean(dim=(2, 3))                                              # [B, C]
+        g_w = torch.sigmoid(self.gate_word(words) + self.gate_img(r_avg)[:, None])  # [B, T, 1]
+        mem = self.mem_word(words) * g_w + self.mem_img(r_avg)[:, None] * (1 - g_w)
+        keys, values = self.key(mem), self.value(mem)                           # [B, T, C]
+        q = h.flatten(2)                                                        # [B, C, N]
+        logits = torch.bmm(keys, q) * self.scale                                # [B, T, N]
+        real = mask.to(torch.bool)[:, :, None]
+        logits = logits.masked_fill(~real, torch.finfo(logits.dtype).min)
+        attn = torch.softmax(logits, dim=1) * real    # all-padding captions read nothing
+        out = torch.bmm(values.transpose(1, 2), attn).view(b, c, hh, ww)        # [B, C, H, W]
+        g_r = torch.sigmoid(self.response(torch.cat([out, h], dim=1)))          # [B, 1, H, W]
+        return out * g_r + h * (1 - g_r), attn
+
+    def forward(self, h: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        fused, _ = self.memory(h, words, mask)
+        return self.up(self.res(fused))
+
+
+class ImageHead(nn.Sequential):
+    """3x3 conv to RGB + tanh: the image at one scale, in [-1, 1]."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__(nn.Conv2d(ch, 3, 3, 1, 1), nn.Tanh())
+
+
+class Generator(nn.Module):
+    """DM-GAN generator: images at BASE_SIZE·2^i for i < BRANCH_NUM from noise + CLIP text."""
+
+    def __init__(self, arch: dict) -> None:
+        super().__init__()
+        self.arch = dict(arch)
+        gf, text_dim = arch["GF_DIM"], arch["TEXT_DIM"]
+        self.ca = CondAugment(text_dim, arch["CONDITION_DIM"])
+        self.init = InitStage(arch["Z_DIM"] + arch["CONDITION_DIM"], gf, arch["BASE_SIZE"])
+        self.stages = nn.ModuleList(MemoryStage(gf, text_dim, arch["R_NUM"])
+                                    for _ in range(arch["BRANCH_NUM"] - 1))
+        self.heads = nn.ModuleList(ImageHead(gf) for _ in range(arch["BRANCH_NUM"]))
+
+    def forward(self, z: torch.Tensor, sent: torch.Tensor, words: torch.Tensor,
+                mask: torch.Tensor, eps: torch.Tensor | None = None) -> tuple:
+        """-> (images: list over scales of [B, 3, s, s], mu, logvar)."""
+        c, mu, logvar = self.ca(sent, eps)
+        h = self.init(torch.cat([z, c.to(z.dtype)], dim=1))
+        images = [self.heads[0](h)]
+        for stage, head in zip(self.stages, self.heads[1:], strict=True):
+            h = stage(h, words, mask)
+            images.append(head(h))
+        return images, mu, logvar
+
+
+def _down_block(cin: int, cout: int, bn: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 4, 2, 1, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm2d(cout))
+    return [*layers, nn.LeakyReLU(0.2, inplace=True)]
+
+
+def _conv3_block(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.LeakyReLU(0.2, inplace=True)]
+
+
+class Discriminator(nn.Module):
+    """One scale's D: stride-2 trunk to 4x4xDF_DIM·8, an unconditional logit, and a
+    conditional logit on the features joined with the sentence embedding."""
+
+    def __init__(self, size: int, df_dim: int, text_dim: int) -> None:
+        super().__init__()
+        n_down = int(math.log2(size // 4))
+        layers = _down_block(3, df_dim, bn=False)
+        for k in range(1, n_down):
+            layers += _down_block(df_dim * 2 ** (k - 1), df_dim * 2**k)
+        ch, target = df_dim * 2 ** (n_down - 1), df_dim * 8
+        while ch > target:  # 128 px and up: 3x3 convs back to DF_DIM·8 (as AttnGAN's D128/256)
+            layers += _conv3_block(ch, ch // 2)
+            ch //= 2
+        if ch < target:  # small test sizes: widen to DF_DIM·8
+            layers += _conv3_block(ch, target)
+        self.trunk = nn.Sequential(*layers)
+        self.uncond = nn.Conv2d(target, 1, 4, 4)
+        self.joint = nn.Sequential(*_conv3_block(target + text_dim, target))
+        self.cond = nn.Conv2d(target, 1, 4, 4)
+
+    def cond_logit(self, feats: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+        s = sent.to(feats.dtype)[:, :, None, None].expand(-1, -1, *feats.shape[2:])
+        return self.cond(self.joint(torch.cat([feats, s], dim=1))).flatten()
+
+    def forward(self, images: torch.Tensor, sent: torch.Tensor,
+                wrong_sent: torch.Tensor | None = None) -> tuple:
+        """-> (uncond [B], cond [B], cond with `wrong_sent` [B] or None). The trunk runs once;
+        both conditional heads are inside forward so DistributedDataParallel sees them."""
+        feats = self.trunk(images)
+        wrong = self.cond_logit(feats, wrong_sent) if wrong_sent is not None else None
+        return self.uncond(feats).flatten(), self.cond_logit(feats, sent), wrong
+
+
+def build_discriminators(arch: dict) -> nn.ModuleList:
+    """One discriminator per generator scale."""
+    return nn.ModuleList(Discriminator(arch["BASE_SIZE"] * 2**i, arch["DF_DIM"], arch["TEXT_DIM"])
+                         for i in range(arch["BRANCH_NUM"]))
+
+
+def init_gan_weights(module: nn.Module) -> None:
+    """DCGAN-style init: conv N(0, 0.02), batch-norm weight N(1, 0.02), linear orthogonal."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.orthogonal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def generator_checkpoint(netG: Generator) -> dict:
+    """What `netG_epoch_<N>.pth` holds: format tag, architecture numbers, weights."""
+    return {"format": GENERATOR_FORMAT, "arch": dict(netG.arch),
+            "state_dict": {k: v.detach().cpu() for k, v in netG.state_dict().items()}}
+
+
+def load_generator(netG: Generator, path: str | Path) -> None:
+    """Load `path` (our format, or a plain state_dict) into `netG`; a checkpoint of another
+    architecture fails listing the mismatched keys and the differing architecture numbers."""
+    state = load_checkpoint(path, "generator checkpoint")
+    arch = state.get("arch") if state.get("format") == GENERATOR_FORMAT else None
+    weights = state["state_dict"] if arch is not None else state
+    try:
+        load_state_strict(netG, weights, f"generator checkpoint {path}")
+    except CheckpointError as err:
+        if arch:
+            diff = ", ".join(f"{k}: checkpoint {arch.get(k)} vs config {v}"
+                             for k, v in netG.arch.items() if arch.get(k) != v)
+            if diff:
+                raise CheckpointError(f"{err} Architecture differences: {diff}") from None
+        raise

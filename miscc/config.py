@@ -185,10 +185,12 @@ def _check_type(path: str, default: Any, value: Any, source: str) -> Any:
 
 
 def _suggest(path: str, valid: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest valid key: same leaf elsewhere, then spelling."""
     valid = list(valid)
-    close = difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
+    leaf = path.split(".")[-1]
+    same_leaf = [p for p in valid if p.split(".")[-1] == leaf]
+    close = same_leaf or difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
     if not close:  # compare the last component only, e.g. BATCHSIZE vs TRAIN.BATCH_SIZE
-        leaf = path.split(".")[-1]
         leaves = {p.split(".")[-1]: p for p in valid}
         hits = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
         close = [leaves[hits[0]]] if hits else []

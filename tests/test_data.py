@@ -1,0 +1,223 @@
+"""Data pipeline: shapes set, layout errors, box crop, safe pickles, bad images, the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets import (
+    CaptionTokenizer,
+    DataError,
+    SplitImages,
+    TextImageDataset,
+    build_image_cache,
+    check_batch_size,
+    crop_box,
+    load_size_for,
+    make_shapes_dataset,
+    read_split,
+    safe_load_pickle,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CaptionTokenizer(20)
+
+
+def copy_set(shapes_dir, tmp_path) -> Path:
+    out = tmp_path / "data"
+    shutil.copytree(shapes_dir, out)
+    return out
+
+
+def test_shapes_items_at_every_scale(shapes_cfg, tokenizer):
+    cfg = shapes_cfg("TREE.BRANCH_NUM=2", "TREE.BASE_SIZE=16")
+    ds = TextImageDataset(cfg, "train", tokenizer, sizes=[16, 32], views=1)
+    assert len(ds) == 24
+    torch.manual_seed(0)
+    item = ds[3]
+    assert [tuple(x.shape) for x in item["imgs"]] == [(1, 3, 16, 16), (1, 3, 32, 32)]
+    for img in item["imgs"]:
+        assert img.min() >= -1.0 and img.max() <= 1.0 and img.std() > 0.05
+    assert item["tokens"].shape == (2, 22)
+    first, second = item["cap_idx"].tolist()
+    assert first != second
+    assert not torch.equal(item["tokens"][0], item["tokens"][1])
+    # the class id is the folder's number, as in CUB
+    assert int(item["class_id"]) == int(item["key"].split(".")[0])
+    # the smaller scale is a resized copy of the same crop
+    small = torch.nn.functional.interpolate(item["imgs"][1], size=16, mode="bilinear",
+                                            antialias=True, align_corners=False)
+    assert torch.allclose(small, item["imgs"][0], atol=1e-4)
+
+
+def test_shapes_captions_follow_the_picture(shapes_dir):
+    info = safe_load_pickle(shapes_dir / "train" / "filenames.pickle")
+    key = info[0]
+    colour, shape = key.split(".")[1].split("/")[0].split("_")
+    caps = (shapes_dir / "text" / f"{key}.txt").read_text().splitlines()
+    assert len(caps) == 10 and len(set(caps)) == 10
+    assert all(shape in c for c in caps) and sum(colour in c for c in caps) >= 9
+    img = np.asarray(Image.open(shapes_dir / "CUB_200_2011" / "images" / f"{key}.jpg"))
+    assert img.shape == (32, 32, 3)
+
+
+def test_shapes_is_deterministic(tmp_path):
+    def digest(out):
+        make_shapes_dataset(out, n_train=5, n_test=2, size=24, seed=3)
+        h = hashlib.sha1()
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                h.update(p.read_bytes())
+        return h.hexdigest()
+
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+def test_eval_items_are_deterministic(shapes_cfg, tokenizer):
+    ds = TextImageDataset(shapes_cfg(), "test", tokenizer, sizes=[32], views=1, train=False)
+    a, b = ds[1], ds[1]
+    assert torch.equal(a["imgs"][0], b["imgs"][0]) and a["cap_idx"].tolist() == [0, 1]
+
+
+def test_box_crop_on_a_hand_made_image():
+    arr = np.zeros((80, 100, 3), np.uint8)
+    arr[:, :, 0] = np.arange(100)[None, :]  # red = x
+    arr[:, :, 1] = np.arange(80)[:, None]  # green = y
+    # box x=10, y=20, w=30, h=20 -> r = 22, centre (25, 30) -> crop x 3..47, y 8..52
+    out = np.asarray(crop_box(Image.fromarray(arr), (10, 20, 30, 20)))
+    assert out.shape == (44, 44, 3)
+    assert (out[0, 0, 0], out[0, 0, 1]) == (3, 8)
+    assert (out[-1, -1, 0], out[-1, -1, 1]) == (46, 51)
+    # clipped at the image border
+    edge = np.asarray(crop_box(Image.fromarray(arr), (0, 0, 20, 20)))
+    assert edge.shape == (25, 25, 3) and edge[0, 0, 0] == 0
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/clip_dmgan_pwned",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    path = tmp_path / "filenames.pickle"
+    path.write_bytes(pickle.dumps([_Evil()], protocol=2))
+    Path("/tmp/clip_dmgan_pwned").unlink(missing_ok=True)
+    with pytest.raises(DataError, match="refusing to load posix.system"):
+        safe_load_pickle(path)
+    assert not Path("/tmp/clip_dmgan_pwned").exists()
+    ok = tmp_path / "ok.pickle"
+    ok.write_bytes(pickle.dumps(["a", 1, 2.0, {"b": (1,)}], protocol=2))
+    assert safe_load_pickle(ok) == ["a", 1, 2.0, {"b": (1,)}]
+
+
+def test_missing_directory_shows_the_layout(shapes_cfg, tmp_path):
+    with pytest.raises(DataError) as err:
+        read_split(shapes_cfg(data_dir=tmp_path / "nothing"), "train")
+    assert "is not a directory" in str(err.value) and "CUB_200_2011/bounding_boxes.txt" in str(
+        err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"train file list not found: .*filenames.pickle"):
+        read_split(shapes_cfg(data_dir=tmp_path / "empty"), "train")
+
+
+def test_empty_caption_lines_and_captionless_images(shapes_dir, shapes_cfg, tmp_path):
+    data = copy_set(shapes_dir, tmp_path)
+    keys = safe_load_pickle(data / "train" / "filenames.pickle")
+    (data / "text" / f"{keys[0]}.txt").write_text("\n\na red thing\n\n")
+    (data / "text" / f"{keys[1]}.txt").write_text("\n  \n")
+    info = read_split(shapes_cfg(data_dir=data), "train")
+    assert info.skipped_no_caption == [keys[1]]
+    assert info.captions[0] == ["a red thing"] and info.empty_lines >= 4
+    assert len(info.keys) == 23
+
+
+def test_corrupt_jpeg_is_skipped_and_counted(shapes_dir, shapes_cfg, tmp_path, tokenizer):
+    data = copy_set(shapes_dir, tmp_path)
+    keys = safe_load_pickle(data / "train" / "filenames.pickle")
+    (data / "CUB_200_2011" / "images" / f"{keys[2]}.jpg").write_bytes(b"not a jpeg at all")
+    cfg = shapes_cfg("TREE.BASE_SIZE=32", data_dir=data)
+    ds = TextImageDataset(cfg, "train", tokenizer, sizes=[32], use_cache=False)
+    with pytest.warns(UserWarning, match="unreadable image skipped"):
+        item = ds[2]
+    assert item["index"] == 3 and ds.skipped == 1
+    # prepare_data.py check reports it
+    run = subprocess.run([sys.executable, "prepare_data.py", "check", "--cfg",
+                          str(ROOT / "cfg/DAMSM/shapes.yml"), "--data_dir", str(data)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "[train] images: 24 usable, 0 missing files, 0 without captions, 1 corrupt" in run.stdout
+    assert "[test] images: 12 usable" in run.stdout
+
+
+def test_too_many_corrupt_images_fail_clearly(shapes_dir, shapes_cfg, tmp_path, tokenizer):
+    data = copy_set(shapes_dir, tmp_path)
+    keys = safe_load_pickle(data / "train" / "filenames.pickle")
+    for key in keys[:4]:
+        (data / "CUB_200_2011" / "images" / f"{key}.jpg").write_bytes(b"")
+    ds = TextImageDataset(shapes_cfg(data_dir=data), "train", tokenizer, sizes=[32],
+                          use_cache=False)
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="unreadable images"):
+        ds[0]
+
+
+def test_cache_gives_the_same_tensors(shapes_dir, shapes_cfg, tmp_path, tokenizer):
+    data = copy_set(shapes_dir, tmp_path)
+    cfg = shapes_cfg(data_dir=data)
+    index = build_image_cache(cfg, "train", load_size_for([32]), progress=False)
+    assert len(index["keys"]) == 24 and index["bad"] == []
+    cached = TextImageDataset(cfg, "train", tokenizer, sizes=[32], views=2)
+    plain = TextImageDataset(cfg, "train", tokenizer, sizes=[32], views=2, use_cache=False)
+    assert cached.cache is not None and plain.cache is None
+    for i in (0, 5, 23):
+        torch.manual_seed(i)
+        a = cached[i]
+        torch.manual_seed(i)
+        b = plain[i]
+        assert torch.equal(a["imgs"][0], b["imgs"][0])
+        assert torch.equal(a["tokens"], b["tokens"])
+
+
+def test_cache_for_another_image_list_is_refused(shapes_dir, shapes_cfg, tmp_path, tokenizer):
+    data = copy_set(shapes_dir, tmp_path)
+    cfg = shapes_cfg(data_dir=data)
+    build_image_cache(cfg, "train", load_size_for([32]), progress=False)
+    keys = safe_load_pickle(data / "train" / "filenames.pickle")
+    (data / "text" / f"{keys[0]}.txt").write_text("")  # now skipped: a different list
+    with pytest.raises(DataError, match="built for another image list"):
+        TextImageDataset(cfg, "train", tokenizer, sizes=[32])
+
+
+def test_tokenizer_truncation_is_counted():
+    tok = CaptionTokenizer(3)
+    out = tok(["a red circle", "a very large red circle in the corner"])
+    assert out.shape == (2, 5) and tok.truncated == 1
+    assert out[1, -1] == tok.eot and out[0, 4] == tok.eot
+    assert tok.decode(out[0]) == ["a", "red", "circle"]
+    with pytest.raises(ValueError, match="WORDS_NUM"):
+        CaptionTokenizer(80)
+
+
+def test_batch_larger_than_split(shapes_cfg, tokenizer):
+    ds = TextImageDataset(shapes_cfg(), "test", tokenizer, sizes=[32], train=False)
+    with pytest.raises(DataError, match=r"TRAIN.BATCH_SIZE=48 is larger than the test split"):
+        check_batch_size(ds, 48, "test")
+
+
+def test_split_images_for_metrics(shapes_cfg):
+    ds = SplitImages(shapes_cfg(), "test", 48)
+    img = ds[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 48, 48) and len(ds.keys) == 12

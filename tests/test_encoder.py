@@ -1,0 +1,102 @@
+"""ClipEncoder on the tiny random-weight CLIP: shapes, masks, gradients, checkpoints, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datasets import CaptionTokenizer
+from miscc.utils import CheckpointError, atomic_torch_save
+from model import ClipEncoder, EncoderLoadError, resolve_clip_name
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return ClipEncoder(resolve_clip_name("tiny", ""), adapter=True).eval()
+
+
+def test_text_shapes_and_mask(encoder):
+    tok = CaptionTokenizer(12)
+    tokens = tok(["a red circle", "the picture shows a small blue square"])
+    words, sent, mask = encoder.encode_text(tokens)
+    assert words.shape == (2, 14, 64) and sent.shape == (2, 64) and mask.shape == (2, 14)
+    n_words = [len(tok.decode(t)) for t in tokens]
+    assert mask.sum(1).tolist() == n_words
+    assert not mask[:, 0].any()  # start token
+    eot = tokens.argmax(1)
+    assert not mask[torch.arange(2), eot].any()  # end token
+    assert torch.equal(sent, words[torch.arange(2), eot])
+
+
+def test_padding_length_does_not_change_features(encoder):
+    short, long = CaptionTokenizer(8), CaptionTokenizer(30)
+    caption = ["a large red circle in the center"]
+    w1, s1, m1 = encoder.encode_text(short(caption))
+    w2, s2, m2 = encoder.encode_text(long(caption))
+    n = m1.shape[1]
+    assert torch.allclose(w1, w2[:, :n], atol=1e-5) and torch.allclose(s1, s2, atol=1e-5)
+    assert torch.equal(m1, m2[:, :n]) and not m2[:, n:].any()
+
+
+def test_image_shapes_and_gradient_to_pixels(encoder):
+    images = (torch.rand(3, 3, 48, 48) * 2 - 1).requires_grad_()
+    regions, code = encoder.encode_image(images)
+    assert regions.shape == (3, 16, 64) and code.shape == (3, 64)  # (32/8)^2 patches
+    regions.square().sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_image_normalisation(encoder):
+    x = encoder.prepare_images(torch.zeros(1, 3, 32, 32))
+    expected = (0.5 - encoder.mean) / encoder.std
+    assert torch.allclose(x, expected.expand_as(x), atol=1e-6)
+
+
+def test_adapter_starts_as_identity():
+    torch.manual_seed(0)
+    with_adapter = ClipEncoder(resolve_clip_name("tiny", ""), adapter=True)
+    without = ClipEncoder(resolve_clip_name("tiny", ""), adapter=False)
+    without.load_state_dict({k: v for k, v in with_adapter.state_dict().items()
+                             if not k.startswith("adapter.")})
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(with_adapter.encode_image(images)[0],
+                          without.encode_image(images)[0], atol=1e-6)
+    assert len(with_adapter.new_parameters()) == 2 and without.new_parameters() == []
+
+
+def test_checkpoint_round_trip(encoder, tmp_path):
+    path = tmp_path / "clip3.pth"
+    atomic_torch_save(encoder.checkpoint_state(), path)
+    again = ClipEncoder.from_checkpoint(path).eval()
+    tokens = CaptionTokenizer(10)(["a green star"])
+    assert torch.equal(encoder.encode_text(tokens)[1], again.encode_text(tokens)[1])
+    images = torch.rand(1, 3, 32, 32)
+    assert torch.equal(encoder.encode_image(images)[1], again.encode_image(images)[1])
+
+
+def test_checkpoint_errors(encoder, tmp_path):
+    state = encoder.checkpoint_state()
+    del state["state_dict"]["adapter.bias"]
+    state["state_dict"]["extra.weight"] = torch.zeros(1)
+    atomic_torch_save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys: adapter.bias.*unexpected keys: "
+                       r"extra.weight"):
+        ClipEncoder.from_checkpoint(tmp_path / "bad.pth")
+    atomic_torch_save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not an encoder checkpoint"):
+        ClipEncoder.from_checkpoint(tmp_path / "other.pth")
+    (tmp_path / "trunc.pth").write_bytes((tmp_path / "bad.pth").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        ClipEncoder.from_checkpoint(tmp_path / "trunc.pth")
+
+
+def test_unknown_name_and_failed_download_explain_themselves(monkeypatch):
+    with pytest.raises(EncoderLoadError, match="unknown CLIP model 'ViT-Q/99'"):
+        resolve_clip_name("ViT-Q/99", "openai")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderLoadError) as err:
+        ClipEncoder(resolve_clip_name("ViT-B/32", "openai"))
+    msg = str(err.value)
+    assert "'ViT-B-32'" in msg and "pretrained='openai'" in msg
+    assert "--set CLIP.PRETRAINED=" in msg and "vit_base_patch32_clip_224.openai" in msg
