@@ -60,7 +60,7 @@ def attention_picture(image: torch.Tensor, words: list[str], attn: torch.Tensor,
     image [3, H, W] in [-1, 1]; attn [T, R] (R a square number of regions), T >= len(words).
     """
     font = ImageFont.load_default()
-    side = int(round(attn.shape[-1] ** 0.5))
+    side = round(attn.shape[-1] ** 0.5)
     base = Image.fromarray(to_uint8(image[None])[0]).resize((cell, cell), Image.BICUBIC)
     base_arr = np.asarray(base, dtype=np.float32)
     panels = [("(image)", base)]
