@@ -1,0 +1,211 @@
+"""Losses: DAMSM word/sentence matching, NT-Xent, GAN adversarial terms and the CA KL term.
+
+Score-matrix convention (both DAMSM losses): ``scores[i, j]`` compares **image i** (row)
+with **caption j** (column), as in AttnGAN. ``loss0`` is the cross-entropy over each row
+(each image picks its caption among all captions), ``loss1`` the same on the transpose
+(each caption picks its image). The diagonal holds the matching pairs.
+
+All DAMSM/contrastive math runs in float32 (float64 inputs stay float64) with autocast
+disabled, so the losses are stable under bf16/fp16 mixed precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "discriminator_loss",
+    "generator_adv_loss",
+    "kl_loss",
+    "nt_xent",
+    "sent_loss",
+    "words_loss",
+]
+
+EPS = 1e-8
+_NEG_INF = float("-inf")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (fp16/bf16/fp32) is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(x: Tensor) -> torch.autocast:
+    """A context that switches autocast off on ``x``'s device type."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _class_mask(class_ids: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+    """[B, B] bool, True where i != j share a class (those pairs are not negatives)."""
+    if class_ids is None:
+        return None
+    ids = torch.as_tensor(class_ids, device=device).reshape(-1)
+    if ids.numel() != batch:
+        raise ValueError(f"class_ids has {ids.numel()} entries, batch size is {batch}")
+    same = ids[:, None] == ids[None, :]
+    same.fill_diagonal_(False)
+    return same
+
+
+def _matching_losses(scores: Tensor, class_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Row-wise and column-wise cross-entropy with the diagonal as target (AttnGAN loss0/1)."""
+    batch = scores.shape[0]
+    mask = _class_mask(class_ids, batch, scores.device)
+    if mask is not None:
+        scores = scores.masked_fill(mask, _NEG_INF)
+    labels = torch.arange(batch, device=scores.device)
+    return F.cross_entropy(scores, labels), F.cross_entropy(scores.t(), labels)
+
+
+def words_loss(
+    words: Tensor,
+    word_mask: Tensor,
+    regions: Tensor,
+    class_ids: Tensor | None,
+    gamma1: float,
+    gamma2: float,
+    gamma3: float,
+    attngan_score: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DAMSM word-level matching loss over all B x B (image, caption) pairs, batched.
+
+    words [B, T, D], word_mask [B, T] bool (True = real word; every caption needs at least
+    one), regions [B, R, D], class_ids [B] or None. Returns ``(loss0, loss1, attn)``:
+    loss0 = CE over rows of ``scores[image, caption]``, loss1 = CE over its columns (batch
+    means), attn [B, T, R] = each caption's attention over its own image's regions (detached,
+    zeros at padding words). ``attngan_score=True`` drops the 1/gamma2 factor of
+    R(Q, D) (the original AttnGAN code); the default is the paper's definition.
+
+    The context vector c_t = sum_r a_tr v_r is never formed for all pairs: with unit words
+    e^_t, c_t . e^_t = sum_r a_tr |v_r| cos(e_t, v_r) and |c_t|^2 = a^T G a with the region
+    Gram matrix G = V V^T (computed as x^T G^ x, x = a|v|, G^ the cosine Gram), so the
+    largest intermediate is [B, B, T, R], never [B, B, T, D].
+    """
+    if words.dim() != 3 or regions.dim() != 3:
+        raise ValueError(f"words must be [B,T,D] and regions [B,R,D], got "
+                         f"{tuple(words.shape)} and {tuple(regions.shape)}")
+    batch, n_words, dim = words.shape
+    if regions.shape[0] != batch or regions.shape[2] != dim:
+        raise ValueError(f"regions {tuple(regions.shape)} do not match words "
+                         f"{tuple(words.shape)}")
+    if tuple(word_mask.shape) != (batch, n_words):
+        raise ValueError(f"word_mask must be [{batch}, {n_words}], got {tuple(word_mask.shape)}")
+
+    dtype = _compute_dtype(words)
+    with _no_autocast(words):
+        e = words.to(dtype)
+        v = regions.to(dtype)
+        real = word_mask.to(device=e.device, dtype=torch.bool)
+
+        e_hat = e / e.norm(dim=-1, keepdim=True).clamp_min(EPS)  # [B, T, D]
+        v_len = v.norm(dim=-1).clamp_min(EPS)  # [B, R]
+        v_hat = v / v_len.unsqueeze(-1)  # [B, R, D]
+
+        # Layout [j (image), i (caption), t, r]: the Gram contraction below is then one bmm
+        # over j with no copy. s[j, i, t, r] = cos(word t of caption i, region r of image j).
+        # One [B*T, D] x [D, B*R] matmul, then a single [B, B, T, R] copy into that layout.
+        s = e_hat.reshape(batch * n_words, dim) @ v_hat.reshape(-1, dim).t()  # [(i t), (j r)]
+        s = s.view(batch, n_words, batch, -1).permute(2, 0, 1, 3).contiguous()
+
+        pad = ~real  # [i, T]
+        # Normalise over words (softmax over t, padding excluded), then over regions.
+        s_words = torch.softmax(s.masked_fill(pad[None, :, :, None], _NEG_INF), dim=2)
+        alpha = torch.softmax(gamma1 * s_words, dim=3)  # [j, i, T, R]
+
+        # Weights on unit regions: c_t = sum_r x_tr v^_r with x = alpha * |v_r|.
+        x = alpha * v_len[:, None, None, :]
+        num = (x * s).sum(-1)  # c_t . e^_t                         [j, i, T]
+        gram = torch.bmm(v_hat, v_hat.mT)  # [j, R, R]
+        xg = torch.bmm(x.reshape(batch, batch * n_words, -1), gram).view_as(x)
+        c_sq = (xg * x).sum(-1)  # |c_t|^2                           [j, i, T]
+        r_ct = num / c_sq.clamp_min(EPS * EPS).sqrt()  # cos(c_t, e_t)
+
+        logits = (gamma2 * r_ct).masked_fill(pad[None], _NEG_INF)
+        sim = torch.logsumexp(logits, dim=2)  # [j, i]
+        if not attngan_score:
+            sim = sim / gamma2
+        scores = gamma3 * sim  # rows = images, columns = captions
+        loss0, loss1 = _matching_losses(scores, class_ids)
+
+        attn = alpha.detach().diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # [B, T, R]
+        attn = attn.masked_fill(pad[:, :, None], 0.0)
+    return loss0, loss1, attn
+
+
+def sent_loss(
+    code: Tensor, sent: Tensor, class_ids: Tensor | None, gamma3: float
+) -> tuple[Tensor, Tensor]:
+    """DAMSM sentence-level loss: scores[image i, sentence j] = gamma3 * cos(code_i, sent_j).
+
+    Returns ``(loss0, loss1)``: CE over rows (images) and over columns (sentences), batch
+    means, with same-class off-diagonal pairs masked out when ``class_ids`` is given.
+    """
+    if code.dim() != 2 or code.shape != sent.shape:
+        raise ValueError(f"code and sent must both be [B, D], got {tuple(code.shape)} "
+                         f"and {tuple(sent.shape)}")
+    dtype = _compute_dtype(code)
+    with _no_autocast(code):
+        c = F.normalize(code.to(dtype), dim=-1, eps=EPS)
+        s = F.normalize(sent.to(dtype), dim=-1, eps=EPS)
+        scores = gamma3 * (c @ s.t())
+        return _matching_losses(scores, class_ids)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
+    """SimCLR NT-Xent between two views z1, z2 [B, D] (L2-normalised here).
+
+    Builds the 2B x 2B cosine matrix / temperature, removes self-pairs, and takes the
+    cross-entropy of each row against the other view of the same item (mean over 2B rows).
+    """
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must both be [B, D], got {tuple(z1.shape)} "
+                         f"and {tuple(z2.shape)}")
+    batch = z1.shape[0]
+    dtype = _compute_dtype(z1)
+    with _no_autocast(z1):
+        z = F.normalize(torch.cat([z1, z2], dim=0).to(dtype), dim=-1, eps=EPS)
+        logits = (z @ z.t()) / temperature
+        eye = torch.eye(2 * batch, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(eye, _NEG_INF)
+        idx = torch.arange(batch, device=z.device)
+        targets = torch.cat([idx + batch, idx])
+        return F.cross_entropy(logits, targets)
+
+
+def _bce(logits: Tensor, target: float) -> Tensor:
+    """Mean BCE-with-logits against a constant target."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def discriminator_loss(
+    real_uncond: Tensor | None,
+    real_cond: Tensor,
+    fake_uncond: Tensor | None,
+    fake_cond: Tensor,
+    wrong_cond: Tensor,
+) -> Tensor:
+    """One scale's D loss: mean of the real terms + mean of the fake/wrong terms (DM-GAN).
+
+    (BCE(real_u,1)+BCE(real_c,1))/2 + (BCE(fake_u,0)+BCE(fake_c,0)+BCE(wrong_c,0))/3;
+    an unconditional logit given as None is dropped and the divisor shrinks accordingly.
+    """
+    real_terms = [_bce(x, 1.0) for x in (real_uncond, real_cond) if x is not None]
+    fake_terms = [_bce(x, 0.0) for x in (fake_uncond, fake_cond, wrong_cond) if x is not None]
+    return torch.stack(real_terms).mean() + torch.stack(fake_terms).mean()
+
+
+def generator_adv_loss(fake_uncond: Tensor | None, fake_cond: Tensor) -> Tensor:
+    """One scale's G adversarial loss: BCE(fake_uncond, 1) + BCE(fake_cond, 1) (uncond optional)."""
+    loss = _bce(fake_cond, 1.0)
+    if fake_uncond is not None:
+        loss = loss + _bce(fake_uncond, 1.0)
+    return loss
+
+
+def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) of conditioning augmentation, averaged over batch
+    and dimensions (a mean, not a sum, as AttnGAN/DM-GAN's KL_loss)."""
+    return torch.mean(-0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()))
