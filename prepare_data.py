@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 from datasets import (
     DataError,
@@ -21,11 +23,22 @@ from datasets import (
     read_split,
 )
 from miscc.config import add_common_args, config_from_args
+from miscc.utils import atomic_write_bytes
+
+SHAPES_MARKER = "shapes.json"  # the generator's parameters, written once the set is complete
 
 
 def cmd_shapes(args: argparse.Namespace) -> None:
-    """Write the synthetic shapes set."""
+    """Write the synthetic shapes set, unless the same set is already complete at --out."""
+    params = {"n_train": args.n_train, "n_test": args.n_test, "size": args.size,
+              "seed": args.seed}
+    marker = Path(args.out) / SHAPES_MARKER
+    if not args.force and marker.is_file() and json.loads(marker.read_text()) == params:
+        print(f"shapes set already complete at {args.out} ({marker.name} matches); "
+              "--force rewrites it")
+        return
     summary = make_shapes_dataset(args.out, args.n_train, args.n_test, args.size, args.seed)
+    atomic_write_bytes(marker, json.dumps(params).encode())  # written last: the set is whole
     print(f"wrote shapes set to {args.out}: {summary['train']} train / {summary['test']} test "
           f"images of {summary['size']}px, {summary['classes']} classes")
 
@@ -79,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--n-test", type=int, default=200)
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--force", action="store_true",
+                        help="rewrite the set even if the same one is already complete")
     add_common_args(sub.add_parser("check", help="validate a data directory"))
     add_common_args(sub.add_parser("cache", help="build the preprocessed image cache"))
     args = parser.parse_args(argv)

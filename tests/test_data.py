@@ -221,3 +221,18 @@ def test_split_images_for_metrics(shapes_cfg):
     ds = SplitImages(shapes_cfg(), "test", 48)
     img = ds[0]
     assert img.dtype == torch.uint8 and img.shape == (3, 48, 48) and len(ds.keys) == 12
+
+
+def test_prepare_shapes_skips_a_complete_set(tmp_path, capsys):
+    import prepare_data
+
+    out = tmp_path / "shapes"
+    args = ["shapes", "--out", str(out), "--n-train", "4", "--n-test", "2", "--size", "16"]
+    assert prepare_data.main(args) == 0
+    caption = next((out / "text").rglob("*.txt"))
+    caption.write_text("edited\n")  # a re-run that rewrote the set would restore this
+    assert prepare_data.main(args) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert caption.read_text() == "edited\n"
+    assert prepare_data.main([*args[:-1], "24"]) == 0  # other parameters: written anew
+    assert caption.read_text() != "edited\n"

@@ -1,0 +1,188 @@
+"""Write a Markdown report of a pipeline run: loss curves, sample grid, attention map, metrics.
+
+    python report.py --stage1 cfg/DAMSM/shapes.yml --stage2 cfg/clip_shapes_DMGAN.yml \
+        --out output/demo [--fid output/demo/fid.json] [--is output/demo/is.json]
+
+It reads only what the stages wrote (TensorBoard logs, PNGs, metrics.json), so it can be
+re-run at any time and works for any dataset's configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from miscc.config import ConfigError, load_config
+from miscc.utils import atomic_write_bytes
+
+FID_HINT = ("FID / IS need the TF-faithful Inception weights "
+            "(`pt_inception-2015-12-05-6726825d.pth`). Put them in the torch hub cache or pass "
+            "`INCEPTION_WEIGHTS=/path/to/file.pth` to `make demo` (the file is downloaded "
+            "automatically when the machine has internet access).")
+
+
+def read_scalars(log_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar series in the TensorBoard event files under `log_dir` (any depth)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    folders = sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*")})
+    for folder in folders:
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            steps, values = series.setdefault(tag, ([], []))
+            for event in acc.Scalars(tag):
+                steps.append(event.step)
+                values.append(event.value)
+    return series
+
+
+def plot_curves(series: dict[str, tuple[list[int], list[float]]], title: str,
+                path: Path) -> Path | None:
+    """One panel per tag prefix (`loss/`, `val/`, ...) with a line per series; None if empty."""
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[str]] = {}
+    for tag in sorted(series):
+        groups.setdefault(tag.split("/")[0] if "/" in tag else "scalars", []).append(tag)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    for ax, (group, tags) in zip(axes[0], groups.items(), strict=True):
+        for tag in tags:
+            steps, values = series[tag]
+            ax.plot(steps, values, label=tag.split("/", 1)[-1], linewidth=1.2)
+        ax.set_title(group)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def newest_png(folder: Path, pattern: str = "*.png") -> Path | None:
+    """The most recently written PNG under `folder` matching `pattern`, if any."""
+    found = [p for p in folder.rglob(pattern) if p.is_file()] if folder.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _read_json(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"warning: {path} is not readable JSON ({err}); left out of the report",
+              file=sys.stderr)
+        return None
+
+
+def metrics_rows(metrics: dict | None, fid: dict | None, isc: dict | None) -> list[str]:
+    """The metrics table of the report (Markdown lines)."""
+    rows = ["| metric | value |", "| --- | --- |"]
+    if metrics is None:
+        rows.append("| R-precision | not computed (run the evaluation config) |")
+    else:
+        if metrics.get("r_precision") is not None:
+            rows.append(f"| R-precision (top-1 of 1 + {metrics.get('negatives', 99)}) | "
+                        f"{100 * metrics['r_precision']:.2f} ± "
+                        f"{100 * metrics['r_precision_std']:.2f} % |")
+        else:
+            rows.append(f"| R-precision | undefined: {metrics.get('note', '')} |")
+        rows.append(f"| CLIP score | {metrics['clip_score']:.2f} |")
+        rows.append(f"| generated test images | {metrics['images']} |")
+    if fid is not None and "fid" in fid:
+        rows.append(f"| FID | {fid['fid']:.3f} |")
+        if "kid_mean" in fid:
+            rows.append(f"| KID | {fid['kid_mean']:.4f} ± {fid['kid_std']:.4f} |")
+    if isc is not None and "is_mean" in isc:
+        rows.append(f"| Inception Score | {isc['is_mean']:.2f} ± {isc['is_std']:.2f} |")
+    return rows
+
+
+def build_report(stage1_dir: Path, stage2_dir: Path, out: Path, metrics_file: Path | None = None,
+                 fid_file: Path | None = None, is_file: Path | None = None) -> Path:
+    """Write `out/report.md` and its PNGs from the two stages' output folders."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Pipeline report", "",
+             f"Stage 1 output: `{stage1_dir}`; stage 2 output: `{stage2_dir}`.", ""]
+
+    lines += ["## Metrics", ""]
+    metrics = _read_json(metrics_file or stage2_dir / "metrics.json")
+    fid, isc = _read_json(fid_file), _read_json(is_file)
+    lines += metrics_rows(metrics, fid, isc)
+    if fid is None or isc is None:
+        lines += ["", FID_HINT]
+    lines.append("")
+
+    for stage, folder, name in (("Stage 1 (DAMSM fine-tuning of CLIP)", stage1_dir,
+                                 "stage1_losses.png"),
+                                ("Stage 2 (DM-GAN)", stage2_dir, "stage2_losses.png")):
+        lines += [f"## {stage}: training curves", ""]
+        picture = plot_curves(read_scalars(folder), stage, out / name)
+        lines += [f"![{stage} curves]({name})" if picture else
+                  f"No TensorBoard scalars found under `{folder}`.", ""]
+
+    for title, found, name in (
+            ("Generated samples (fixed noise, with their captions)",
+             newest_png(stage2_dir / "Image"), "samples.png"),
+            ("Word attention over image regions (stage 1)",
+             newest_png(stage1_dir, "*att*.png"), "attention.png")):
+        lines += [f"## {title}", ""]
+        if found is None:
+            lines += ["Not found (the stage has not written it yet).", ""]
+            continue
+        shutil.copyfile(found, out / name)
+        lines += [f"![{title}]({name})", "", f"(copied from `{found}`)", ""]
+
+    report = out / "report.md"
+    atomic_write_bytes(report, "\n".join(lines).encode())
+    return report
+
+
+def output_dir(cfg_or_dir: str) -> Path:
+    """A stage's output folder: the folder itself, or the OUTPUT_DIR of a config file."""
+    path = Path(cfg_or_dir)
+    return path if path.is_dir() else Path(load_config(path, quiet=True).OUTPUT_DIR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage1", required=True,
+                        help="the stage-1 config (cfg/DAMSM/*.yml) or its output folder")
+    parser.add_argument("--stage2", required=True,
+                        help="the stage-2 training config or its output folder")
+    parser.add_argument("--metrics", default=None,
+                        help="metrics.json of the evaluation (default: <stage-2 OUTPUT_DIR>/"
+                             "metrics.json)")
+    parser.add_argument("--fid", default=None, help="fid_score.py --json output, if run")
+    parser.add_argument("--is", dest="isc", default=None,
+                        help="inception_score.py --json output, if run")
+    parser.add_argument("--out", required=True, help="folder for report.md and its PNGs")
+    args = parser.parse_args(argv)
+    try:
+        dirs = [output_dir(c) for c in (args.stage1, args.stage2)]
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = build_report(dirs[0], dirs[1], Path(args.out),
+                          Path(args.metrics) if args.metrics else None,
+                          Path(args.fid) if args.fid else None,
+                          Path(args.isc) if args.isc else None)
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

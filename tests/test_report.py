@@ -1,0 +1,68 @@
+"""report.py: curves from TensorBoard logs, copied pictures, the metrics table."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+import report
+
+
+def _stage(folder, tags, picture_dir, picture_name):
+    writer = SummaryWriter(str(folder / "logs"))
+    for step in range(5):
+        for i, tag in enumerate(tags):
+            writer.add_scalar(tag, 10.0 - step + i, step)
+    writer.close()
+    (folder / picture_dir).mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(folder / picture_dir / picture_name)
+
+
+def test_report_from_stage_outputs(tmp_path):
+    s1, s2, out = tmp_path / "s1", tmp_path / "s2", tmp_path / "report"
+    _stage(s1, ["loss/w0", "val/r1"], "attention", "attention_3.png")
+    _stage(s2, ["loss/g", "loss/d"], "Image", "samples_40.png")
+    metrics = {"images": 120, "clip_score": 31.5, "r_precision": 0.8125,
+               "r_precision_std": 0.031, "negatives": 99, "folds": [0.8] * 10}
+    (s2 / "metrics.json").write_text(json.dumps(metrics))
+
+    assert report.main(["--stage1", str(s1), "--stage2", str(s2), "--out", str(out),
+                        "--fid", str(out / "missing.json")]) == 0
+    text = (out / "report.md").read_text()
+    assert "| R-precision (top-1 of 1 + 99) | 81.25 ± 3.10 % |" in text
+    assert "| CLIP score | 31.50 |" in text
+    assert report.FID_HINT in text  # no FID/IS results: the line saying how to enable them
+    for name in ("stage1_losses.png", "stage2_losses.png", "samples.png", "attention.png"):
+        assert f"]({name})" in text
+        assert Image.open(out / name).size[0] > 0
+    assert Image.open(out / "samples.png").getpixel((0, 0)) == (200, 10, 10)
+
+
+def test_scalars_are_read_back(tmp_path):
+    _stage(tmp_path, ["loss/a"], "Image", "x.png")
+    steps, values = report.read_scalars(tmp_path)["loss/a"]
+    assert steps == [0, 1, 2, 3, 4]
+    assert values == [10.0, 9.0, 8.0, 7.0, 6.0]
+
+
+def test_missing_outputs_are_said_not_crashed(tmp_path, capsys):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "fid.json").write_text("{not json")
+    fid = json.dumps({"fid": 12.3456})
+    (tmp_path / "is.json").write_text(json.dumps({"is_mean": 2.5, "is_std": 0.25}))
+    path = report.build_report(tmp_path / "s1", tmp_path / "s2", tmp_path / "out",
+                               fid_file=tmp_path / "fid.json", is_file=tmp_path / "is.json")
+    text = path.read_text()
+    assert "not computed (run the evaluation config)" in text
+    assert "| Inception Score | 2.50 ± 0.25 |" in text
+    assert "No TensorBoard scalars found" in text
+    assert "not readable JSON" in capsys.readouterr().err
+    (tmp_path / "fid.json").write_text(fid)
+    text = report.build_report(tmp_path / "s1", tmp_path / "s2", tmp_path / "out",
+                               fid_file=tmp_path / "fid.json",
+                               is_file=tmp_path / "is.json").read_text()
+    assert "| FID | 12.346 |" in text
+    assert report.FID_HINT not in text
