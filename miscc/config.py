@@ -34,6 +34,7 @@ def default_config() -> EasyDict:
             "GPU_ID": 0,
             "CUDA": True,
             "WORKERS": 4,
+            "CPU_THREADS": 0,  # >0: torch intra-op threads on CPU runs (tiny models: 1)
             "SEED": 100,
             "B_VALIDATION": False,
             "TREE": {"BRANCH_NUM": 3, "BASE_SIZE": 64},
@@ -61,6 +62,8 @@ def default_config() -> EasyDict:
                 "PIN_MEMORY": True,
                 "PERSISTENT_WORKERS": True,
                 "USE_CACHE": True,  # read the prepare_data.py image cache when it exists
+                "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
+                # cache file instead of re-encoding the captions every step
                 "SMOOTH": {
                     "GAMMA1": 4.0,
                     "GAMMA2": 5.0,

@@ -145,7 +145,8 @@ def rng_state() -> dict:
     """Every RNG state needed to continue a run exactly (saved in checkpoints)."""
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # as plain types + a tensor, so torch.load(weights_only=True) can read it back
+        "numpy": _numpy_state_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -156,11 +157,19 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what `rng_state` saved."""
     random.setstate(_tuplify(state["python"]))
-    np_state = state["numpy"]
-    np.random.set_state(tuple(np_state) if isinstance(np_state, list) else np_state)
+    np_state = list(state["numpy"])
+    if isinstance(np_state[1], torch.Tensor):
+        np_state[1] = np_state[1].numpy()
+    np.random.set_state(tuple(np_state))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_plain(state: tuple) -> list:
+    """NumPy's legacy RNG state with its key array as a tensor (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = state
+    return [name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)]
 
 
 def _tuplify(obj: Any) -> Any:

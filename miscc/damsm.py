@@ -1,0 +1,384 @@
+"""Stage 1: fine-tune the CLIP encoder with DAMSM word/sentence losses plus NT-Xent (DESIGN §7).
+
+Per step each image brings two augmented views and two different captions; both (caption a,
+view a) and (caption b, view b) pairs get the DAMSM word + sentence losses, and the two sentence
+embeddings of an image are pulled together by NT-Xent:
+
+    loss = Σ_{k∈{a,b}} (word0_k + word1_k + sent0_k + sent1_k)
+           + TRAIN.CONTRASTIVE_WEIGHT · NT-Xent(sent_a, sent_b; TRAIN.TEMPERATURE)
+
+Training resumes exactly (the data order comes from `EpochSampler` + `SeededItems`, every RNG,
+the optimizer, the one-cycle schedule and the grad scaler are in the resume state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import CaptionTokenizer, DataError, TextImageDataset, check_batch_size, image_sizes
+from miscc.config import save_config, to_plain
+from miscc.losses import nt_xent, sent_loss, words_loss
+from miscc.training import EpochSampler, NonFiniteLoss, SeededItems, resolve_checkpoint
+from miscc.utils import (
+    CheckpointError,
+    all_reduce_mean,
+    atomic_torch_save,
+    barrier,
+    is_main_process,
+    latest_checkpoint,
+    load_latest_valid,
+    load_state_strict,
+    rng_state,
+    set_rng_state,
+)
+from model import ClipEncoder
+
+STATE_FORMAT = "damsm-train-state/1"
+KEEP_STATES = 2  # resume states kept on disk (every clip<epoch>.pth is kept)
+TRAIN_STATS = ("loss", "words", "sent", "contrastive")
+
+
+def build_encoder(cfg) -> ClipEncoder:
+    """TRAIN.NET_E (a clip<epoch>.pth file, or a folder: its newest) if set, else the CLIP
+    section (open_clip weights, or a random-init JSON architecture)."""
+    if cfg.TRAIN.NET_E:
+        path = resolve_checkpoint(cfg.TRAIN.NET_E, "clip*.pth", "encoder checkpoint",
+                                  "TRAIN.NET_E")
+        encoder = ClipEncoder.from_checkpoint(path)
+    else:
+        encoder = ClipEncoder.from_config(cfg)
+    # CLIP's contrastive temperature is not used by any loss here: frozen, so that
+    # DistributedDataParallel does not wait for a gradient that never comes.
+    encoder.clip.logit_scale.requires_grad_(False)
+    return encoder
+
+
+@torch.no_grad()
+def retrieval_accuracy(text: torch.Tensor, owner: torch.Tensor, images: torch.Tensor,
+                       ks: tuple[int, ...] = (1, 5), chunk: int = 4096) -> dict[str, float]:
+    """Text→image recall@k: for each caption embedding text[i] ([N, D]), rank every image
+    embedding images[j] ([M, D]) by cosine; a hit when images[owner[i]] is among the top k.
+    Batched over captions in chunks; other images tied with the true one count as ahead."""
+    t = torch.nn.functional.normalize(text.float(), dim=-1)
+    v = torch.nn.functional.normalize(images.float(), dim=-1)
+    owner = owner.to(t.device)
+    rank = torch.empty(len(t), dtype=torch.long, device=t.device)
+    for s in range(0, len(t), chunk):
+        sims = t[s: s + chunk] @ v.t()  # [n, M]
+        own = sims.gather(1, owner[s: s + chunk, None])
+        rank[s: s + chunk] = (sims > own).sum(1) + (sims == own).sum(1) - 1
+    return {f"R{k}": float((rank < k).float().mean()) for k in ks}
+
+
+class DAMSMTrainer:
+    """Stage-1 loop: one-cycle AdamW over the CLIP backbone (TRAIN.ENCODER_LR) and the new
+    parameters (TRAIN.ADAPTER_LR), validation + attention maps each epoch, exact resume."""
+
+    def __init__(self, cfg, device: torch.device, rank: int = 0, world: int = 1,
+                 fresh: bool = False, progress: bool = True) -> None:
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.out = Path(cfg.OUTPUT_DIR)
+        self.model_dir, self.image_dir = self.out / "Model", self.out / "Image"
+        self.main = is_main_process()
+        self.progress = progress and self.main
+        cuda = device.type == "cuda"
+        self.amp = bool(cfg.TRAIN.AMP) and cuda
+        self.amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() \
+            else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and
+                                           self.amp_dtype == torch.float16)
+        self.batch = int(cfg.TRAIN.BATCH_SIZE)
+        if fresh and self.main:
+            self._remove_old_run()
+        barrier()
+
+        # data: only the largest GAN scale is needed (what stage 2 feeds the image tower)
+        self.tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
+        sizes = [max(image_sizes(cfg))]
+        cache = bool(cfg.TRAIN.USE_CACHE)
+        self.dataset = TextImageDataset(cfg, "train", self.tokenizer, sizes, views=2,
+                                        train=True, use_cache=cache)
+        check_batch_size(self.dataset, self.batch, "train")
+        if len(self.dataset) // world < self.batch:
+            raise DataError(f"TRAIN.BATCH_SIZE={self.batch} per process is larger than the "
+                            f"train split's share of each of the {world} processes "
+                            f"({len(self.dataset) // world} images); lower TRAIN.BATCH_SIZE")
+        self.test = TextImageDataset(cfg, "test", self.tokenizer, sizes, views=1, train=False,
+                                     use_cache=cache)
+        self.sampler = EpochSampler(len(self.dataset), self.batch, int(cfg.SEED), rank, world)
+        workers = int(cfg.WORKERS)
+        loader_opts = {"num_workers": workers, "pin_memory": bool(cfg.TRAIN.PIN_MEMORY) and cuda,
+                       "persistent_workers": bool(cfg.TRAIN.PERSISTENT_WORKERS) and workers > 0}
+        self.loader = DataLoader(SeededItems(self.dataset, int(cfg.SEED)), self.batch,
+                                 sampler=self.sampler, drop_last=True, **loader_opts)
+        self.test_loader = DataLoader(self.test, self.batch, shuffle=False, **loader_opts)
+        self.steps_per_epoch = self.sampler.per_rank // self.batch
+        self.total_steps = self.steps_per_epoch * max(1, int(cfg.TRAIN.MAX_EPOCH))
+
+        # model, optimizer, schedule
+        torch.manual_seed(int(cfg.SEED))
+        self.encoder = build_encoder(cfg).to(device).train()
+        new = {id(p) for p in self.encoder.new_parameters()}
+        groups = [
+            {"params": [p for p in self.encoder.parameters() if p.requires_grad
+                        and id(p) not in new], "lr": float(cfg.TRAIN.ENCODER_LR)},
+            {"params": self.encoder.new_parameters(), "lr": float(cfg.TRAIN.ADAPTER_LR)},
+        ]
+        groups = [g for g in groups if g["params"]]
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=float(cfg.TRAIN.WEIGHT_DECAY))
+        self.scheduler = self._one_cycle()
+        self.model = self.encoder
+        if world > 1:
+            self.model = DistributedDataParallel(
+                self.encoder, device_ids=[device.index] if cuda else None)
+        self.epoch, self.in_epoch, self.step = 0, 0, 0
+        self._resume()
+        self.writer = None
+
+    # ----------------------------------------------------------------------------- setup
+    def _one_cycle(self) -> torch.optim.lr_scheduler.OneCycleLR:
+        """Cosine one-cycle over MAX_EPOCH epochs (peaks = the groups' learning rates); Adam's
+        betas stay fixed (no momentum cycling). MAX_STEPS only stops early, so a run cut by
+        MAX_STEPS follows the same schedule as the full run."""
+        return torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=[g["lr"] for g in self.optimizer.param_groups],
+            total_steps=self.total_steps, pct_start=float(self.cfg.TRAIN.PCT_START),
+            anneal_strategy="cos", cycle_momentum=False)
+
+    def _remove_old_run(self) -> None:
+        removed = [p for pat in ("state_step_*.pth", "clip*.pth", "encoder_step_*.pth")
+                   for p in self.model_dir.glob(pat)]
+        for p in removed:
+            p.unlink()
+        shutil.rmtree(self.out / "logs", ignore_errors=True)
+        shutil.rmtree(self.image_dir, ignore_errors=True)
+        if removed:
+            print(f"--fresh: removed {len(removed)} checkpoint(s) from {self.model_dir}")
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp \
+            else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {
+            "format": STATE_FORMAT, "epoch": self.epoch, "in_epoch": self.in_epoch,
+            "step": self.step, "world": self.world, "batch": self.batch,
+            "encoder": self.encoder.checkpoint_state(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(), "config": to_plain(self.cfg),
+        }
+
+    def _tag(self) -> str:
+        return f"step_{self.step}" if self.in_epoch else f"epoch_{self.epoch}"
+
+    def save(self) -> None:
+        """Encoder checkpoint (clip<N>.pth, N = completed epochs; encoder_step_<S>.pth when
+        stopping inside an epoch: not picked up by stage 2's folder lookup) + full resume
+        state (state_step_<S>.pth), each written atomically; the newest KEEP_STATES states
+        are kept."""
+        if not self.main:
+            return
+        name = f"encoder_step_{self.step}.pth" if self.in_epoch else f"clip{self.epoch}.pth"
+        atomic_torch_save(self.encoder.checkpoint_state(), self.model_dir / name)
+        atomic_torch_save(self._state(), self.model_dir / f"state_step_{self.step}.pth")
+        for old in latest_checkpoint(self.model_dir, "state_step_*.pth")[KEEP_STATES:]:
+            old.unlink(missing_ok=True)
+
+    def _resume(self) -> None:
+        found = load_latest_valid(latest_checkpoint(self.model_dir, "state_step_*.pth"),
+                                  "training state")
+        if found is None:
+            return
+        path, state = found
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{path} is not a stage-1 (pretrain_DAMSM.py) training state")
+        load_state_strict(self.encoder, state["encoder"]["state_dict"], f"encoder in {path}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        sched = dict(state["scheduler"])
+        if (state["world"], state["batch"]) != (self.world, self.batch):
+            warnings.warn(f"{path} was written with {state['world']} process(es) x batch "
+                          f"{state['batch']}, this run uses {self.world} x {self.batch}: the data "
+                          "order and the schedule are re-planned", stacklevel=2)
+        if sched["total_steps"] != self.total_steps:  # MAX_EPOCH (or batch/world) changed
+            warnings.warn(f"{path}: the one-cycle schedule is re-planned from "
+                          f"{sched['total_steps']} to {self.total_steps} steps "
+                          "(TRAIN.MAX_EPOCH changed); the learning rate continues on the new "
+                          "curve at this step", stacklevel=2)
+            fresh = self.scheduler.state_dict()
+            sched.update(total_steps=fresh["total_steps"],
+                         _schedule_phases=fresh["_schedule_phases"])
+        self.scheduler.load_state_dict(sched)
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.in_epoch, self.step = state["epoch"], state["in_epoch"], state["step"]
+        if self.main:
+            print(f"resuming from {path} (epoch {self.epoch}, step {self.step})")
+
+    # --------------------------------------------------------------------------- one step
+    def losses(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total loss, [words, sent, contrastive] detached) of one two-view batch."""
+        cfg, dev, sm = self.cfg, self.device, self.cfg.TRAIN.SMOOTH
+        model = self.model if model is None else model
+        tokens = batch["tokens"].to(dev, non_blocking=True)  # [B, 2, L]
+        views = batch["imgs"][-1].to(dev, non_blocking=True)  # [B, 2, 3, S, S]
+        b = tokens.shape[0]
+        class_ids = batch["class_id"].to(dev)
+        with self._autocast():  # one forward over both pairs: [a-captions; b-captions]
+            words, sent, mask, regions, code = model(
+                torch.cat([tokens[:, 0], tokens[:, 1]]), torch.cat([views[:, 0], views[:, 1]]))
+        w_total = s_total = 0.0
+        for part in (slice(0, b), slice(b, 2 * b)):
+            w0, w1, _ = words_loss(words[part], mask[part], regions[part], class_ids,
+                                   sm.GAMMA1, sm.GAMMA2, sm.GAMMA3,
+                                   attngan_score=sm.ATTNGAN_SCORE)
+            s0, s1 = sent_loss(code[part], sent[part], class_ids, sm.GAMMA3)
+            w_total, s_total = w_total + w0 + w1, s_total + s0 + s1
+        contrastive = nt_xent(sent[:b], sent[b:], float(cfg.TRAIN.TEMPERATURE))
+        loss = w_total + s_total + float(cfg.TRAIN.CONTRASTIVE_WEIGHT) * contrastive
+        return loss, torch.stack([loss, w_total, s_total, contrastive]).detach()
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """Forward, finite check (all ranks together), backward, clip, step, schedule."""
+        loss, parts = self.losses(batch)
+        parts = all_reduce_mean(parts.float()).cpu()  # one sync: the logged values + the check
+        stats = dict(zip(TRAIN_STATS, parts.tolist(), strict=True))
+        if not torch.isfinite(parts).all():
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items())
+            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} ({shown}); stopping. "
+                                f"The last good checkpoint in {self.model_dir} is kept; try a "
+                                "lower learning rate or TRAIN.AMP False")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.TRAIN.RNN_GRAD_CLIP))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return stats
+
+    # ------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self, attention_path: Path | None = None) -> dict[str, float]:
+        """Test split: DAMSM word/sentence losses of (caption 0, centre crop) in batches of
+        TRAIN.BATCH_SIZE, and text→image R@1/R@5 of every test caption against every test
+        image (sentence vs. image code cosine). Every rank computes the same numbers (no
+        communication); only rank 0 writes the attention picture."""
+        sm, dev = self.cfg.TRAIN.SMOOTH, self.device
+        enc = self.encoder.eval()
+        codes, sents, owners = [], [], []
+        totals, weight, row = torch.zeros(2, dtype=torch.float64), 0, 0
+        full_batches = len(self.test) >= self.batch
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for batch in tqdm(self.test_loader, desc="validation", leave=False,
+                                  disable=not self.progress):
+                    images = batch["imgs"][-1][:, 0].to(dev)
+                    index = batch["index"]
+                    tokens = self.test.tokens[index]  # [b, C, L]: every caption of each image
+                    b, c, length = tokens.shape
+                    real = torch.arange(c) < self.test.num_captions[index][:, None]  # [b, C]
+                    with self._autocast():
+                        regions, code = enc.encode_image(images)
+                        words, sent, mask = enc.encode_text(tokens.view(b * c, length).to(dev))
+                    words, sent, mask = (x.view(b, c, *x.shape[1:]) for x in (words, sent, mask))
+                    codes.append(code.float())
+                    sents.append(sent[real.to(dev)].float())
+                    owners.append((row + torch.arange(b))[:, None].expand(b, c)[real])
+                    row += b
+                    if b < self.batch and full_batches:
+                        continue  # the last, smaller batch would make easier losses
+                    class_ids = batch["class_id"].to(dev)
+                    w0, w1, attn = words_loss(words[:, 0], mask[:, 0], regions, class_ids,
+                                              sm.GAMMA1, sm.GAMMA2, sm.GAMMA3,
+                                              attngan_score=sm.ATTNGAN_SCORE)
+                    s0, s1 = sent_loss(code, sent[:, 0], class_ids, sm.GAMMA3)
+                    totals += torch.stack([w0 + w1, s0 + s1]).double().cpu() * b
+                    weight += b
+                    if attention_path is not None and self.main:
+                        picked = [self.tokenizer.decode(t) for t in tokens[:4, 0]]
+                        from miscc.pictures import save_attention_maps
+
+                        # attn rows follow token positions: row 0 is the start token
+                        save_attention_maps(images.float(), picked, attn[:, 1:], attention_path)
+                        attention_path = None
+        finally:
+            enc.train()
+        result = retrieval_accuracy(torch.cat(sents), torch.cat(owners), torch.cat(codes))
+        words_val, sent_val = (totals / max(weight, 1)).tolist()
+        return {"words": words_val, "sent": sent_val, "loss": words_val + sent_val, **result,
+                "images": row, "captions": int(sum(len(o) for o in owners))}
+
+    def _validate_and_log(self) -> dict[str, float]:
+        path = self.image_dir / f"attention_{self._tag()}.png"
+        val = self.validate(attention_path=path if self.main else None)
+        if self.writer is not None:
+            for key in ("loss", "words", "sent", "R1", "R5"):
+                self.writer.add_scalar(f"val/{key}", val[key], self.step)
+            self.writer.flush()
+        if self.main:
+            tqdm.write(f"epoch {self.epoch} step {self.step}: val loss {val['loss']:.3f} "
+                       f"(words {val['words']:.3f}, sent {val['sent']:.3f}), text→image "
+                       f"R@1 {val['R1']:.3f} R@5 {val['R5']:.3f} over {val['images']} images "
+                       f"(chance R@1 {1 / max(val['images'], 1):.4f})")
+        return val
+
+    # ---------------------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        """Run until TRAIN.MAX_EPOCH (or TRAIN.MAX_STEPS); returns a short summary."""
+        cfg = self.cfg
+        max_epoch, max_steps = int(cfg.TRAIN.MAX_EPOCH), int(cfg.TRAIN.MAX_STEPS)
+        interval = max(1, int(cfg.TRAIN.SNAPSHOT_INTERVAL))
+        done = self.epoch >= max_epoch or (max_steps > 0 and self.step >= max_steps)
+        if self.main:
+            save_config(cfg, self.out)
+            if done:
+                print(f"training already complete (epoch {self.epoch}, step {self.step}); "
+                      "use --fresh to start over")
+            else:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.out / "logs"), purge_step=self.step)
+        last: dict[str, float] = {}
+        val: dict[str, float] = {}
+        try:
+            while not done:
+                self.sampler.set_epoch(self.epoch, self.in_epoch)
+                bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{max_epoch}",
+                           total=len(self.loader), disable=not self.progress, leave=False)
+                for batch in bar:
+                    last = self.train_step(batch)
+                    self.step += 1
+                    self.in_epoch += 1
+                    if self.writer is not None:
+                        for k, v in last.items():
+                            self.writer.add_scalar(f"train/{k}", v, self.step)
+                        for i, lr in enumerate(self.scheduler.get_last_lr()):
+                            self.writer.add_scalar(f"lr/group{i}", lr, self.step)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+                    if max_steps > 0 and self.step >= max_steps:
+                        done = True
+                        break
+                if self.in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.in_epoch = self.epoch + 1, 0
+                    done = done or self.epoch >= max_epoch
+                    val = self._validate_and_log()
+                    if self.epoch % interval == 0 or done:
+                        self.save()
+                elif done:
+                    val = self._validate_and_log()
+                    self.save()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        barrier()
+        return {"epoch": self.epoch, "step": self.step, "losses": last, "val": val}
