@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench
+.PHONY: test lint bench demo
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,3 +20,25 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# The whole pipeline on the synthetic shapes set, on CPU, in minutes. Each line is the command a
+# user would type; re-running resumes unfinished stages and skips finished ones.
+# FID/IS run when the Inception weights are available: INCEPTION_WEIGHTS=/path/to/file.pth
+DEMO_OUT := output/demo
+DEMO_GEN := output/shapes_DMGAN/valid/single
+INCEPTION_WEIGHTS ?=
+WEIGHTS_ARG := $(if $(INCEPTION_WEIGHTS),--weights $(INCEPTION_WEIGHTS),)
+
+demo: $(STAMP)
+	$(PY) prepare_data.py shapes --out data/shapes
+	$(PY) pretrain_DAMSM.py --cfg cfg/DAMSM/shapes.yml
+	$(PY) main.py --cfg cfg/clip_shapes_DMGAN.yml
+	$(PY) main.py --cfg cfg/eval_clip_shapes.yml
+	mkdir -p $(DEMO_OUT)
+	if $(PY) fid_score.py --data shapes --dims 2048 --json $(WEIGHTS_ARG) > $(DEMO_OUT)/fid.tmp; \
+	then mv $(DEMO_OUT)/fid.tmp $(DEMO_OUT)/fid.json && \
+	     $(PY) inception_score.py --data shapes --splits 10 --json $(WEIGHTS_ARG) \
+	         > $(DEMO_OUT)/is.tmp && mv $(DEMO_OUT)/is.tmp $(DEMO_OUT)/is.json; \
+	else rm -f $(DEMO_OUT)/fid.tmp; echo "FID/IS skipped (see the message above)"; fi
+	$(PY) report.py --stage1 cfg/DAMSM/shapes.yml --stage2 cfg/clip_shapes_DMGAN.yml \
+		--fid $(DEMO_OUT)/fid.json --is $(DEMO_OUT)/is.json --out $(DEMO_OUT)

@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 from miscc.config import ConfigError, load_config
+from miscc.metrics import inception_filename, inception_url
 from miscc.utils import atomic_write_bytes
 
-FID_HINT = ("FID / IS need the TF-faithful Inception weights "
-            "(`pt_inception-2015-12-05-6726825d.pth`). Put them in the torch hub cache or pass "
-            "`INCEPTION_WEIGHTS=/path/to/file.pth` to `make demo` (the file is downloaded "
-            "automatically when the machine has internet access).")
+FID_HINT = (f"FID / IS need torch-fidelity's Inception weights (`{inception_filename()}`), "
+            "downloaded automatically when the machine has internet access. Offline, fetch the "
+            f"file from {inception_url()} elsewhere and run `make demo INCEPTION_WEIGHTS=/path/"
+            "to/file.pth` (or pass `--weights` to fid_score.py / inception_score.py).")
 
 
 def read_scalars(log_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
