@@ -31,7 +31,6 @@ def resolve_checkpoint(path: str, pattern: str, what: str, key: str) -> Path:
     return p
 
 
-
 class EpochSampler(Sampler):
     """This rank's share of a per-epoch permutation, yielding (epoch, index) pairs.
 

@@ -29,3 +29,31 @@ def shapes_cfg(shapes_dir):
                            [f"DATA_DIR={data_dir or shapes_dir}", *overrides], quiet=True)
 
     return make
+
+
+# ------------------------------------------------------------- helpers (import from conftest)
+def flat_tensors(obj, prefix: str = "") -> dict:
+    """Every tensor inside nested dicts/lists (e.g. a checkpoint), keyed by its path."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return {}
+    out = {}
+    for key, value in items:
+        out.update(flat_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Same names and bit-identical tensors; the message names the first that differ."""
+    import torch
+
+    assert a.keys() == b.keys(), f"names differ: {sorted(set(a) ^ set(b))[:5]}"
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

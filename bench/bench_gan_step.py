@@ -1,0 +1,122 @@
+"""Stage-2 training steps/s with the text-feature cache vs. re-encoding captions every step, and
+R-precision batched vs. a per-image loop (same run, same inputs).
+
+    python bench/bench_gan_step.py [--steps 10 --batch 16 --threads 1]
+
+The GAN is small (16/32 px, GF_DIM 16) and the image tower is the tiny test CLIP; the text
+tower is measured twice: the tiny one and one of CLIP ViT-B/32's size (12 layers, width 512,
+random weights, so no download), which is what a real run re-encodes without the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from datasets import make_shapes_dataset
+from miscc.config import load_config
+from miscc.utils import atomic_torch_save
+from model import CLIP_ARCH_DIR, ClipEncoder, resolve_clip_name
+from r_precision import rank_first, rank_first_loop, sample_negatives
+from trainer import GANTrainer
+
+B32_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
+
+
+def encoder_file(tmp: Path, text_cfg: dict | None) -> Path:
+    """A stage-1-format encoder checkpoint: tiny CLIP, optionally with a bigger text tower."""
+    arch = json.loads((CLIP_ARCH_DIR / "tiny.json").read_text())
+    name = "tiny"
+    if text_cfg is not None:
+        arch["text_cfg"] = text_cfg
+        name = "tiny_b32text"
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(arch))
+    torch.manual_seed(0)
+    out = tmp / f"clip_{name}.pth"
+    atomic_torch_save(ClipEncoder(resolve_clip_name(str(path), ""), adapter=True)
+                      .checkpoint_state(), out)
+    return out
+
+
+def steps_per_second(cfg, steps: int) -> float:
+    """Time `steps` training steps on prefetched batches (data loading excluded, equal for both)."""
+    trainer = GANTrainer(cfg, torch.device("cpu"), fresh=True, progress=False)
+    trainer.sampler.set_epoch(0)
+    batches = [b for _, b in zip(range(4), trainer.loader, strict=False)]
+    trainer.train_step(batches[0])  # warm-up
+    start = time.perf_counter()
+    for i in range(steps):
+        trainer.train_step(batches[i % len(batches)])
+    return steps / (time.perf_counter() - start)
+
+
+def bench_steps(args, tmp: Path) -> None:
+    make_shapes_dataset(tmp / "data", n_train=96, n_test=4, size=32, seed=0)
+    for label, text_cfg in (("tiny text tower", None), ("ViT-B/32-size text tower", B32_TEXT)):
+        enc = encoder_file(tmp, text_cfg)
+        width = 64
+        rates = {}
+        for flag in (True, False):
+            cfg = load_config(
+                Path(__file__).resolve().parents[1] / "cfg" / "clip_shapes_DMGAN.yml",
+                [f"DATA_DIR={tmp / 'data'}", f"OUTPUT_DIR={tmp / ('out' + str(flag))}",
+                 f"TRAIN.NET_E={enc}", "WORKERS=0", "TREE.BASE_SIZE=16", "TREE.BRANCH_NUM=2",
+                 f"TRAIN.BATCH_SIZE={args.batch}", "GAN.GF_DIM=16", "GAN.DF_DIM=16",
+                 f"TEXT.EMBEDDING_DIM={width}", f"TRAIN.TEXT_CACHE={flag}"], quiet=True)
+            rates[flag] = steps_per_second(cfg, args.steps)
+        print(f"[{label}] batch {args.batch} (x2 captions), 16/32 px, GF_DIM 16")
+        print(f"  re-encode captions every step: {rates[False]:7.2f} steps/s")
+        print(f"  text-feature cache           : {rates[True]:7.2f} steps/s")
+        print(f"  ratio cache/re-encode: {rates[True] / rates[False]:.2f}x")
+
+
+def bench_r_precision(images: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    n_img, caps, dim = images // 10, 10, 512
+    bank = torch.randn(n_img * caps, dim, generator=g)
+    classes = torch.arange(n_img) % 50
+    bank_class = classes.repeat_interleave(caps)
+    true_idx = torch.arange(n_img * caps)
+    codes = bank + 8 * torch.randn(len(bank), dim, generator=g)  # R-precision ~0.5
+    image_class = bank_class
+    valid = torch.ones(len(bank), dtype=torch.bool)
+    start = time.perf_counter()
+    negatives, _ = sample_negatives(image_class, bank_class, valid, 99, seed=0)
+    fast = rank_first(codes, bank, true_idx, negatives)
+    t_batched = time.perf_counter() - start
+    start = time.perf_counter()
+    slow = rank_first_loop(codes, bank, true_idx, negatives)
+    t_loop = time.perf_counter() - start
+    assert torch.equal(fast, slow)
+    print(f"[R-precision] {len(codes)} images, bank of {len(bank)} captions, 1 + 99 candidates")
+    print(f"  per-image loop: {t_loop:7.3f} s (negatives given)")
+    print(f"  batched       : {t_batched:7.3f} s (including sampling the negatives)")
+    print(f"  ratio loop/batched: {t_loop / t_batched:.1f}x  "
+          f"(identical hits; R-precision {fast.float().mean():.3f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rp-images", type=int, default=5000)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_steps(args, Path(tmp))
+    bench_r_precision(args.rp_images)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Stage 2 command line: DM-GAN on frozen CLIP features (DESIGN §8).
+
+    python main.py --cfg cfg/clip_shapes_DMGAN.yml          # train (TRAIN.FLAG: True); resumes
+    python main.py --cfg cfg/eval_clip_shapes.yml           # test set + R-precision + CLIP score
+    python main.py --cfg cfg/eval_clip_shapes.yml --set B_VALIDATION=False [--captions FILE]
+    torchrun --nproc_per_node 2 main.py --cfg ... --gpu -1  # distributed (gloo on CPU)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from datasets import DataError
+from miscc.config import ConfigError, build_parser, config_from_args
+from miscc.training import NonFiniteLoss
+from miscc.utils import (
+    CheckpointError,
+    cleanup_distributed,
+    init_distributed,
+    is_main_process,
+    seed_everything,
+)
+from model import EncoderLoadError
+from trainer import GANTrainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, pick the mode from TRAIN.FLAG / B_VALIDATION, run it."""
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--fresh", action="store_true",
+                        help="start training over (removes this run's checkpoints)")
+    parser.add_argument("--captions", default=None, metavar="FILE",
+                        help="custom-caption mode: one caption per line (default: the files "
+                             "listed in <DATA_DIR>/example_filenames.txt)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    rank, world, device = init_distributed(int(cfg.GPU_ID))
+    if device.type == "cpu" and int(cfg.CPU_THREADS) > 0:
+        torch.set_num_threads(int(cfg.CPU_THREADS))
+    seed_everything(int(cfg.SEED))
+    try:
+        if cfg.TRAIN.FLAG:
+            trainer = GANTrainer(cfg, device, rank, world, fresh=args.fresh,
+                                 progress=not args.no_progress)
+            summary = trainer.train()
+            if is_main_process():
+                print(f"done: epoch {summary['epoch']}, step {summary['step']}; checkpoints in "
+                      f"{trainer.model_dir}, sample grids in {trainer.image_dir}")
+        elif cfg.B_VALIDATION:
+            from sampling import generate_test_set
+
+            generate_test_set(cfg, device, progress=not args.no_progress)
+        else:
+            from sampling import generate_custom
+
+            if is_main_process():
+                generate_custom(cfg, device, args.captions)
+    except (DataError, CheckpointError, ConfigError, EncoderLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""Stage-2 evaluation: generate an image for every test caption (+ R-precision, CLIP score),
+or a grid per custom caption file, with the EMA generator of TRAIN.NET_G.
+
+Noise is drawn once from SEED for all captions, so the images do not depend on the number of
+processes: under torchrun each rank generates every world-th caption and rank 0 gathers the
+CLIP codes for the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from datasets import CaptionTokenizer, DataError, TextImageDataset, image_sizes
+from miscc.pictures import save_caption_grid, to_uint8
+from miscc.training import resolve_checkpoint
+from miscc.utils import atomic_write_bytes, barrier, is_main_process
+from model import ClipEncoder, Generator, gan_arch, load_generator
+from r_precision import report_lines, score_generated
+from trainer import load_frozen_encoder, text_feature_cache
+
+
+def generator_for_eval(cfg, encoder: ClipEncoder, device: torch.device) -> Generator:
+    """The EMA generator of TRAIN.NET_G (file, or the newest netG_epoch_*.pth of a directory)."""
+    path = resolve_checkpoint(cfg.TRAIN.NET_G, "netG_epoch_*.pth", "generator checkpoint",
+                              "TRAIN.NET_G")
+    netG = Generator(gan_arch(cfg, encoder.embed_dim))
+    load_generator(netG, path)
+    if is_main_process():
+        print(f"generator: {path}")
+    return netG.eval().requires_grad_(False).to(device)
+
+
+def seeded_noise(cfg, count: int, arch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z [count, Z], eps [count, C]) from SEED: the same for every rank and every run."""
+    g = torch.Generator().manual_seed(int(cfg.SEED))
+    return (torch.randn(count, arch["Z_DIM"], generator=g),
+            torch.randn(count, arch["CONDITION_DIM"], generator=g))
+
+
+def caption_items(num_captions: torch.Tensor) -> torch.Tensor:
+    """[M, 2] (image index, caption index) for every caption of a split, in order."""
+    index = torch.arange(len(num_captions)).repeat_interleave(num_captions)
+    starts = torch.cumsum(num_captions, 0) - num_captions
+    return torch.stack([index, torch.arange(len(index)) - starts[index]], dim=1)
+
+
+def _gather(items: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' (items, codes) on every rank, in caption order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items, codes
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (items, codes))
+    items = torch.cat([p[0] for p in parts])
+    codes = torch.cat([p[1] for p in parts])
+    order = torch.argsort(items[:, 0] * 1_000_000 + items[:, 1])
+    return items[order], codes[order]
+
+
+@torch.no_grad()
+def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict | None:
+    """Write `<OUTPUT_DIR>/valid/single/<key>_s<k>.png` for every test caption and score them;
+    rank 0 returns (and writes to metrics.json) the R-precision and CLIP score."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    encoder = load_frozen_encoder(cfg, device)
+    netG = generator_for_eval(cfg, encoder, device)
+    data = TextImageDataset(cfg, "test", CaptionTokenizer(int(cfg.TEXT.WORDS_NUM)),
+                            image_sizes(cfg), train=False, use_cache=False)
+    text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
+    items = caption_items(data.num_captions)
+    z, eps = seeded_noise(cfg, len(items), netG.arch)
+    out_dir = Path(cfg.OUTPUT_DIR) / "valid" / "single"
+    mine = torch.arange(rank, len(items), world)
+    codes = []
+    for chunk in tqdm(mine.split(int(cfg.TRAIN.BATCH_SIZE)), desc="generating test images",
+                      disable=not (progress and is_main_process())):
+        idx, cap = items[chunk, 0], items[chunk, 1]
+        words, sent, mask = (t.to(device) for t in text.lookup(idx, cap))
+        images = netG(z[chunk].to(device), sent, words, mask, eps[chunk].to(device))[0][-1]
+        pixels = to_uint8(images)
+        for pic, i, k in zip(pixels, idx.tolist(), cap.tolist(), strict=True):
+            path = out_dir / f"{data.keys[i]}_s{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pic).save(path)
+        # score exactly what was saved (the 8-bit PNG), as r_precision.py reads it back
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        codes.append(encoder.encode_image(x.to(device))[1].float().cpu())
+    codes_t = torch.cat(codes) if codes else torch.zeros(0, encoder.embed_dim)
+    all_items, all_codes = _gather(items[mine], codes_t)
+    result = None
+    if is_main_process():
+        result = score_generated(all_codes, all_items, text.sent, data.class_ids,
+                                 data.num_captions, seed=int(cfg.SEED))
+        result.update(path=str(out_dir), generator=str(cfg.TRAIN.NET_G), processes=world)
+        metrics = Path(cfg.OUTPUT_DIR) / "metrics.json"
+        atomic_write_bytes(metrics, json.dumps(result, indent=2).encode())
+        print("\n".join(report_lines(result)) + f"\nwrote {len(all_items)} images to {out_dir} "
+              f"and {metrics}")
+    barrier()
+    return result
+
+
+def caption_files(cfg, captions: str | None) -> list[tuple[str, Path]]:
+    """(name, file) pairs: `--captions FILE`, or the files `<DATA_DIR>/example_filenames.txt`
+    lists (one name per line, relative to DATA_DIR, `.txt` optional)."""
+    if captions:
+        path = Path(captions)
+        if not path.is_file():
+            raise DataError(f"caption file not found: {path}")
+        return [(path.stem, path)]
+    listing = Path(cfg.DATA_DIR) / "example_filenames.txt"
+    if not listing.is_file():
+        raise DataError(f"{listing} not found: list caption files there (one name per line) "
+                        "or pass --captions FILE")
+    out = []
+    for line in listing.read_text().splitlines():
+        name = line.strip()
+        if not name:
+            continue
+        path = Path(cfg.DATA_DIR) / (name if name.endswith(".txt") else f"{name}.txt")
+        if not path.is_file():
+            raise DataError(f"{listing} names {name!r} but {path} does not exist")
+        out.append((Path(name).stem, path))
+    return out
+
+
+@torch.no_grad()
+def generate_custom(cfg, device: torch.device, captions: str | None = None) -> list[Path]:
+    """One grid per caption file under `<OUTPUT_DIR>/examples/` (plus each image alone)."""
+    encoder = load_frozen_encoder(cfg, device)
+    netG = generator_for_eval(cfg, encoder, device)
+    tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
+    written = []
+    for name, path in caption_files(cfg, captions):
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            warnings.warn(f"{path} has no captions; skipped", stacklevel=2)
+            continue
+        before = tokenizer.truncated
+        tokens = tokenizer(lines)
+        if tokenizer.truncated > before:
+            warnings.warn(f"{path}: {tokenizer.truncated - before} caption(s) cut to "
+                          f"TEXT.WORDS_NUM={cfg.TEXT.WORDS_NUM} word tokens", stacklevel=2)
+        z, eps = seeded_noise(cfg, len(lines), netG.arch)
+        images = []
+        for part in torch.arange(len(lines)).split(int(cfg.TRAIN.BATCH_SIZE)):
+            words, sent, mask = encoder.encode_text(tokens[part].to(device))
+            images.append(netG(z[part].to(device), sent.float(), words.float(), mask,
+                               eps[part].to(device))[0][-1].cpu())
+        batch = torch.cat(images)
+        out = Path(cfg.OUTPUT_DIR) / "examples"
+        for k, pic in enumerate(to_uint8(batch)):
+            (out / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(pic)).save(out / name / f"{k}.png")
+        written.append(save_caption_grid(batch, lines, out / f"{name}.png"))
+        print(f"{path}: {len(lines)} captions -> {written[-1]}")
+    return written

@@ -1,0 +1,199 @@
+"""DM-GAN networks: shapes per branch count, masked memory attention, gradient path through the
+frozen CLIP image tower, and clear errors for generator checkpoints of another architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miscc.config import load_config
+from miscc.losses import sent_loss, words_loss
+from miscc.utils import CheckpointError, atomic_torch_save
+from model import (
+    ClipEncoder,
+    Generator,
+    build_discriminators,
+    gan_arch,
+    generator_checkpoint,
+    init_gan_weights,
+    load_generator,
+    resolve_clip_name,
+)
+
+TEXT_DIM = 24
+
+
+def small_arch(branches: int, base: int = 16, **changes) -> dict:
+    cfg = load_config(overrides=[f"TREE.BRANCH_NUM={branches}", f"TREE.BASE_SIZE={base}",
+                                 "GAN.GF_DIM=8", "GAN.DF_DIM=8", "GAN.Z_DIM=10",
+                                 "GAN.CONDITION_DIM=6", "GAN.R_NUM=1"], quiet=True)
+    arch = gan_arch(cfg, TEXT_DIM)
+    arch.update(changes)
+    return arch
+
+
+def text_inputs(batch: int, words: int = 7, dim: int = TEXT_DIM, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(batch, words, dim, generator=g)
+    mask = torch.zeros(batch, words, dtype=torch.bool)
+    for i in range(batch):
+        mask[i, 1: 2 + (i % (words - 2))] = True
+    return w, w[:, -1].clone(), mask
+
+
+@pytest.mark.parametrize("branches", [1, 2, 3])
+def test_generator_and_discriminator_shapes(branches: int) -> None:
+    arch = small_arch(branches)
+    netG, netDs = Generator(arch), build_discriminators(arch)
+    init_gan_weights(netG)
+    words, sent, mask = text_inputs(3)
+    images, mu, logvar = netG(torch.randn(3, arch["Z_DIM"]), sent, words, mask)
+    assert [tuple(x.shape) for x in images] == [(3, 3, 16 * 2**i, 16 * 2**i)
+                                                for i in range(branches)]
+    assert all(x.abs().max() <= 1 for x in images)
+    assert mu.shape == logvar.shape == (3, arch["CONDITION_DIM"])
+    assert len(netDs) == branches
+    for image, netD in zip(images, netDs, strict=True):
+        uncond, cond, wrong = netD(image, sent, sent.roll(1, 0))
+        assert uncond.shape == cond.shape == wrong.shape == (3,)
+        assert netD(image, sent)[2] is None
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128, 256])
+def test_discriminator_any_scale(size: int) -> None:
+    netD = build_discriminators(small_arch(1, base=size))[0]
+    uncond, cond, _ = netD(torch.randn(2, 3, size, size), torch.randn(2, TEXT_DIM))
+    assert uncond.shape == cond.shape == (2,)
+    assert netD.trunk(torch.randn(2, 3, size, size)).shape == (2, 64, 4, 4)  # DF_DIM * 8
+
+
+def test_hyper_parameters_change_the_networks() -> None:
+    """GF_DIM, R_NUM, CONDITION_DIM, Z_DIM and BASE_SIZE all reach the modules."""
+    ref = sum(p.numel() for p in Generator(small_arch(2)).parameters())
+    for change in ({"GF_DIM": 16}, {"R_NUM": 3}, {"CONDITION_DIM": 12}, {"Z_DIM": 20},
+                   {"BASE_SIZE": 32}):
+        assert sum(p.numel() for p in Generator(small_arch(2, **change)).parameters()) != ref
+    netG = Generator(small_arch(2, R_NUM=3))
+    assert len(netG.stages[0].res) == 3
+    with pytest.raises(ValueError, match="BASE_SIZE"):
+        small_arch(1, base=24)
+    with pytest.raises(ValueError, match="BRANCH_NUM"):
+        small_arch(4)
+
+
+def test_memory_attention_ignores_padding_words() -> None:
+    torch.manual_seed(0)
+    netG = Generator(small_arch(2)).eval()
+    stage = netG.stages[0]
+    words, _, mask = text_inputs(4)
+    h = torch.randn(4, 8, 16, 16)
+    fused, attn = stage.memory(h, words, mask)
+    assert torch.all(attn[~mask] == 0)
+    torch.testing.assert_close(attn.sum(1), torch.ones(4, 256))
+    noisy = torch.where(mask[..., None], words, 100 * torch.randn_like(words))
+    fused2, _ = stage.memory(h, noisy, mask)
+    torch.testing.assert_close(fused, fused2)
+    # ... while a real word does change the output (so the test above can fail)
+    changed = words.clone()
+    changed[0, 1] += 5.0
+    fused3, _ = stage.memory(h, changed, mask)
+    assert not torch.allclose(fused[0], fused3[0])
+    torch.testing.assert_close(fused[1:], fused3[1:])
+    # a caption with no real word reads nothing from memory and stays finite
+    empty = mask.clone()
+    empty[2] = False
+    fused4, attn4 = stage.memory(h, words, empty)
+    assert torch.isfinite(fused4).all() and torch.all(attn4[2] == 0)
+
+
+def test_generator_batch_matches_items() -> None:
+    """Batched memory attention gives each item what it would get alone (eval-mode BN)."""
+    torch.manual_seed(0)
+    netG = Generator(small_arch(3)).eval()
+    words, sent, mask = text_inputs(3)
+    z, eps = torch.randn(3, 10), torch.randn(3, 6)
+    with torch.no_grad():
+        batch = netG(z, sent, words, mask, eps)[0][-1]
+        alone = torch.cat([netG(z[i:i + 1], sent[i:i + 1], words[i:i + 1], mask[i:i + 1],
+                                eps[i:i + 1])[0][-1] for i in range(3)])
+    torch.testing.assert_close(batch, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_conditioning_augmentation_noise() -> None:
+    netG = Generator(small_arch(1))
+    sent = torch.randn(2, TEXT_DIM)
+    eps = torch.randn(2, 6)
+    c1, mu, logvar = netG.ca(sent, eps)
+    torch.testing.assert_close(c1, mu + eps * torch.exp(0.5 * logvar))
+    c2, _, _ = netG.ca(sent, torch.zeros(2, 6))
+    torch.testing.assert_close(c2, mu)
+
+
+def test_gradients_reach_generator_through_clip_image_tower() -> None:
+    torch.manual_seed(0)
+    encoder = ClipEncoder(resolve_clip_name("tiny", ""), adapter=True).eval()
+    encoder.requires_grad_(False)
+    arch = small_arch(2)
+    arch["TEXT_DIM"] = encoder.embed_dim
+    netG = Generator(arch)
+    tokens = torch.zeros(4, 9, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1:5], tokens[:, 5] = 49406, torch.arange(320, 336).view(4, 4), 49407
+    words, sent, mask = encoder.encode_text(tokens)
+    images, _, _ = netG(torch.randn(4, 10), sent, words, mask)
+    regions, code = encoder.encode_image(images[-1])
+    w0, w1, _ = words_loss(words, mask, regions, None, 4.0, 5.0, 10.0)
+    s0, s1 = sent_loss(code, sent, None, 10.0)
+    (w0 + w1 + s0 + s1).backward()
+    on_path = [netG.ca, netG.init, netG.stages[0], netG.heads[1]]
+    for module in on_path:
+        for name, p in module.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in netG.heads[0].parameters())  # smaller image: not used
+    assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_generator_checkpoint_roundtrip_and_mismatch(tmp_path) -> None:
+    netG = Generator(small_arch(2))
+    path = tmp_path / "netG_epoch_1.pth"
+    atomic_torch_save(generator_checkpoint(netG), path)
+    other = Generator(small_arch(2))
+    load_generator(other, path)
+    for a, b in zip(netG.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    plain = tmp_path / "plain.pth"  # a bare state_dict (what older DM-GAN code saved) loads too
+    atomic_torch_save(netG.state_dict(), plain)
+    load_generator(Generator(small_arch(2)), plain)
+
+    with pytest.raises(CheckpointError) as info:
+        load_generator(Generator(small_arch(3)), path)
+    message = str(info.value)
+    assert "missing keys" in message and "stages.1." in message
+    assert "BRANCH_NUM: checkpoint 2 vs config 3" in message
+    with pytest.raises(CheckpointError, match="shape mismatches.*GF_DIM: checkpoint 8"):
+        load_generator(Generator(small_arch(2, GF_DIM=16)), path)
+    with pytest.raises(CheckpointError, match="unexpected keys: heads.1.*stages.0"):
+        load_generator(Generator(small_arch(1)), plain)
+
+
+@pytest.mark.parametrize("name", ["bird", "coco"])
+def test_published_configs_build_256px_networks(name: str) -> None:
+    """cfg/clip_<name>_DMGAN.yml: DM-GAN's hyper-parameters on 512-d CLIP features."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "cfg" / f"clip_{name}_DMGAN.yml", quiet=True)
+    evaluation = load_config(root / "cfg" / f"eval_clip_{name}.yml", quiet=True)
+    arch = gan_arch(cfg, cfg.TEXT.EMBEDDING_DIM)
+    assert gan_arch(evaluation, evaluation.TEXT.EMBEDDING_DIM) == arch
+    assert not evaluation.TRAIN.FLAG and evaluation.B_VALIDATION
+    published = {"bird": (10, 5.0, 2, 10), "coco": (16, 50.0, 3, 5)}[name]
+    assert (cfg.TRAIN.BATCH_SIZE, cfg.TRAIN.SMOOTH.LAMBDA, cfg.GAN.R_NUM,
+            cfg.TEXT.CAPTIONS_PER_IMAGE) == published
+    assert arch == {"BRANCH_NUM": 3, "BASE_SIZE": 64, "GF_DIM": 64, "DF_DIM": 32, "Z_DIM": 100,
+                    "CONDITION_DIM": 100, "R_NUM": published[2], "TEXT_DIM": 512}
+    netG = Generator(arch)
+    words, sent, mask = text_inputs(2, dim=512)
+    with torch.no_grad():
+        images, _, _ = netG(torch.randn(2, 100), sent, words, mask)
+    assert images[-1].shape == (2, 3, 256, 256)
+    assert [len(d.trunk) for d in build_discriminators(arch)] == [11, 17, 23]

@@ -1,0 +1,456 @@
+"""Stage 2 end to end on a tiny shapes set: training steps, the text-feature cache, exact resume
+(also after a real SIGKILL), non-finite losses, evaluation tree + metrics, R-precision against a
+plain loop, custom captions, clear errors, and 2-process torchrun (gloo) runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_tensors, flat_tensors
+
+import main as main_cli
+import r_precision as r_precision_cli
+import trainer as trainer_mod
+from miscc.config import ConfigError, load_config
+from miscc.training import NonFiniteLoss
+from miscc.utils import atomic_torch_save, load_checkpoint
+from model import ClipEncoder, resolve_clip_name
+from r_precision import fold_stats, rank_first, rank_first_loop, sample_negatives, score_tree
+from sampling import caption_items, generate_custom, generate_test_set
+from trainer import GANTrainer, TextFeatures, text_feature_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+TINY = ["GPU_ID=-1", "WORKERS=0", "TREE.BRANCH_NUM=2", "TREE.BASE_SIZE=16", "GAN.GF_DIM=8",
+        "GAN.DF_DIM=8", "GAN.Z_DIM=16", "GAN.CONDITION_DIM=8", "GAN.R_NUM=1",
+        "TRAIN.BATCH_SIZE=4", "TRAIN.MAX_EPOCH=3", "TRAIN.SNAPSHOT_INTERVAL=1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks run fastest (and never oversubscribe 2 cores) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def encoder_ckpt(tmp_path_factory) -> Path:
+    """A stage-1 encoder checkpoint in the format pretrain_DAMSM.py writes (tiny CLIP)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("enc") / "Model" / "clip3.pth"
+    atomic_torch_save(ClipEncoder(resolve_clip_name("tiny", ""), adapter=True)
+                      .checkpoint_state(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(shapes_dir, tmp_path_factory) -> Path:
+    """A private copy of the tiny shapes set (the caches are written into it)."""
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    shutil.copytree(shapes_dir, out)
+    return out
+
+
+@pytest.fixture
+def gan_cfg(data_dir, encoder_ckpt, tmp_path):
+    """overrides -> tiny stage-2 config (cfg/clip_shapes_DMGAN.yml + TINY) writing to tmp."""
+
+    def make(*overrides: str, out: Path | None = None, eval_cfg: bool = False):
+        name = "eval_clip_shapes.yml" if eval_cfg else "clip_shapes_DMGAN.yml"
+        return load_config(ROOT / "cfg" / name,
+                           [f"DATA_DIR={data_dir}", f"OUTPUT_DIR={out or tmp_path / 'run'}",
+                            f"TRAIN.NET_E={encoder_ckpt}", *TINY, *overrides], quiet=True)
+
+    return make
+
+
+def weights(state_file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a training state (G, EMA, Ds, optimizer moments), flattened by name."""
+    state = load_checkpoint(state_file)
+    return flat_tensors({key: state[key] for key in ("netG", "ema", "netDs", "optG", "optDs")})
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    assert_same_tensors(weights(a), weights(b))
+
+
+# ------------------------------------------------------------------------------- training
+def test_training_steps_write_everything(gan_cfg, tmp_path) -> None:
+    cfg = gan_cfg("TRAIN.MAX_STEPS=8")
+    trainer = GANTrainer(cfg, CPU, progress=False)
+    before = {k: v.clone() for k, v in trainer.netG.state_dict().items()}
+    d_before = [p.clone() for p in trainer.netDs[1].parameters()]
+    summary = trainer.train()
+    assert summary["step"] == 8 and summary["epoch"] == 1  # 24 images / 4 = 6 steps per epoch
+    losses = summary["losses"]
+    assert {"D0", "D1", "G", "G_adv", "DAMSM_words", "DAMSM_sent", "KL", "contrastive"} \
+        <= set(losses)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.netG.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, trainer.netDs[1].parameters(),
+                                                     strict=True))
+    out = tmp_path / "run"
+    model = out / "Model"
+    assert (model / "netG_epoch_1.pth").is_file() and (model / "netG_step_8.pth").is_file()
+    assert (model / "state_step_8.pth").is_file()
+    assert {p.name for p in (out / "Image").iterdir()} == {"G_epoch_0.png", "G_epoch_1.png",
+                                                          "G_step_8.png"}
+    assert (out / "config.yml").is_file()
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    # the EMA generator is what netG_epoch_<N>.pth holds, and it lags the trained G
+    saved = load_checkpoint(model / "netG_step_8.pth")["state_dict"]
+    ema = trainer.ema.state_dict()
+    assert all(torch.equal(saved[k], ema[k]) for k in ema)
+    g = trainer.netG.state_dict()
+    assert not torch.equal(saved["ca.fc.weight"], g["ca.fc.weight"])
+    # re-running the same command when training is complete does nothing
+    again = GANTrainer(cfg, CPU, progress=False)
+    assert again.step == 8 and again.train()["step"] == 8
+
+
+def test_without_discriminators_the_generator_learns_from_damsm_alone(gan_cfg) -> None:
+    trainer = GANTrainer(gan_cfg("TRAIN.MAX_STEPS=2", "TRAIN.B_NET_D=False"), CPU,
+                         progress=False)
+    head = trainer.netG.heads[-1][0].weight.clone()
+    losses = trainer.train()["losses"]
+    assert trainer.netDs == [] and not any(k[1:].isdigit() for k in losses)
+    assert losses["G_adv"] == 0 and losses["DAMSM_words"] > 0
+    assert not torch.equal(head, trainer.netG.heads[-1][0].weight)
+
+
+def test_text_cache_holds_the_frozen_text_tower(gan_cfg, data_dir) -> None:
+    cfg = gan_cfg()
+    encoder = trainer_mod.load_frozen_encoder(cfg, CPU)
+    trainer = GANTrainer(cfg, CPU, progress=False)
+    text = trainer.text
+    assert isinstance(text, TextFeatures)
+    tokens = trainer.dataset.tokens
+    index, cap = torch.tensor([0, 5, 23]), torch.tensor([0, 9, 3])
+    words, sent, mask = text.lookup(index, cap)
+    with torch.no_grad():
+        w_ref, s_ref, m_ref = encoder.encode_text(tokens[index, cap])
+    length = words.shape[1]
+    assert length < tokens.shape[-1] and not m_ref[:, length:].any()  # padding tail trimmed
+    torch.testing.assert_close(words, w_ref[:, :length], atol=2e-3, rtol=2e-3)  # fp16 storage
+    torch.testing.assert_close(sent, s_ref)
+    assert torch.equal(mask, m_ref[:, :length])
+    folders = list((data_dir / "cache").glob("text_train_*"))
+    assert len(folders) == 1
+    stamp = (folders[0] / "meta.json").stat().st_mtime_ns
+    text_feature_cache(cfg, "train", tokens, encoder, CPU)  # reused, not rebuilt
+    assert (folders[0] / "meta.json").stat().st_mtime_ns == stamp
+    torch.nn.init.normal_(encoder.clip.token_embedding.weight)  # another encoder: another key
+    text_feature_cache(cfg, "train", tokens, encoder, CPU)
+    assert len(list((data_dir / "cache").glob("text_train_*"))) == 2
+
+
+def test_text_cache_and_reencoding_train_alike(gan_cfg, tmp_path) -> None:
+    """The TEXT_CACHE switch only changes where the features come from (fp16 rounding)."""
+    trainer = GANTrainer(gan_cfg(out=tmp_path / "direct"), CPU, progress=False)
+    trainer.sampler.set_epoch(1)
+    batch = next(iter(trainer.loader))
+    assert not torch.equal(batch["cap_idx"][:, 0], batch["cap_idx"][:, 1])
+    cached = trainer._text(batch)
+    trainer.text = None  # the baseline: the text tower on this batch's two captions
+    words, sent, mask = trainer._text(batch)
+    length = cached[0].shape[1]  # the cache keeps the split's longest caption, not the context
+    assert not mask[:, length:].any()
+    torch.testing.assert_close(cached[0], words[:, :length], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cached[1], sent)
+    assert torch.equal(cached[2], mask[:, :length])
+    runs = {}
+    for flag in ("True", "False"):
+        cfg = gan_cfg("TRAIN.MAX_STEPS=2", f"TRAIN.TEXT_CACHE={flag}", out=tmp_path / flag)
+        runs[flag] = GANTrainer(cfg, CPU, progress=False).train()["losses"]
+    for key in runs["True"]:
+        assert abs(runs["True"][key] - runs["False"][key]) < 1e-2 * max(1, abs(runs["True"][key]))
+
+
+def test_resume_reproduces_uninterrupted_run(gan_cfg, tmp_path) -> None:
+    """8 steps straight vs. 4 steps, stop, resume to 8 (mid-epoch, crossing an epoch end;
+    the resumed half even uses a data-loader worker): identical weights and optimizer state."""
+    straight = gan_cfg("TRAIN.MAX_STEPS=8", out=tmp_path / "a")
+    GANTrainer(straight, CPU, progress=False).train()
+    GANTrainer(gan_cfg("TRAIN.MAX_STEPS=4", out=tmp_path / "b"), CPU, progress=False).train()
+    resumed = GANTrainer(gan_cfg("TRAIN.MAX_STEPS=8", "WORKERS=1", out=tmp_path / "b"), CPU,
+                         progress=False)
+    assert resumed.step == 4 and resumed.in_epoch == 4
+    resumed.train()
+    assert_same_weights(tmp_path / "a" / "Model" / "state_step_8.pth",
+                        tmp_path / "b" / "Model" / "state_step_8.pth")
+    # ... and a genuinely different run differs (so the comparison can fail)
+    GANTrainer(gan_cfg("TRAIN.MAX_STEPS=8", "SEED=5", out=tmp_path / "c"), CPU,
+               progress=False).train()
+    with pytest.raises(AssertionError, match="tensors differ"):
+        assert_same_weights(tmp_path / "a" / "Model" / "state_step_8.pth",
+                            tmp_path / "c" / "Model" / "state_step_8.pth")
+
+
+def _cli_args(cfg_file: str, data_dir: Path, encoder_ckpt: Path, out: Path, *extra: str):
+    args = ["--cfg", str(ROOT / "cfg" / cfg_file), "--data_dir", str(data_dir), "--gpu", "-1",
+            "--set", f"OUTPUT_DIR={out}", "--set", f"TRAIN.NET_E={encoder_ckpt}"]
+    for item in [*TINY, *extra]:
+        args += ["--set", item]
+    return args
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_sigkill_then_rerun_matches_uninterrupted(gan_cfg, data_dir, encoder_ckpt,
+                                                  tmp_path) -> None:
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "main.py", *_cli_args("clip_shapes_DMGAN.yml", data_dir,
+                                                 encoder_ckpt, out, "TRAIN.MAX_EPOCH=30"),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list((out / "Model").glob("state_step_*.pth")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.2)
+    time.sleep(0.5)  # land somewhere inside the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {int(p.stem.split("_")[-1]) for p in (out / "Model").glob("state_step_*.pth")}
+    assert done and max(done) < 30 * 6, "the run finished before it was killed"
+    target = (max(done) // 6 + 2) * 6  # two more epochs past the newest complete checkpoint
+    resumed = GANTrainer(gan_cfg(f"TRAIN.MAX_STEPS={target}", "TRAIN.MAX_EPOCH=30", out=out),
+                         CPU, progress=False)
+    assert resumed.step == max(done)
+    resumed.train()
+    GANTrainer(gan_cfg(f"TRAIN.MAX_STEPS={target}", "TRAIN.MAX_EPOCH=30",
+                       out=tmp_path / "straight"), CPU, progress=False).train()
+    assert_same_weights(out / "Model" / f"state_step_{target}.pth",
+                        tmp_path / "straight" / "Model" / f"state_step_{target}.pth")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(gan_cfg, tmp_path,
+                                                              monkeypatch) -> None:
+    cfg = gan_cfg("TRAIN.MAX_STEPS=20")
+    trainer = GANTrainer(cfg, CPU, progress=False)
+    real_kl = trainer_mod.kl_loss
+
+    def poisoned(mu, logvar):
+        return real_kl(mu, logvar) * (float("nan") if trainer.step == 8 else 1.0)
+
+    monkeypatch.setattr(trainer_mod, "kl_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match="step 9"):
+        trainer.train()
+    states = sorted((tmp_path / "run" / "Model").glob("state_step_*.pth"))
+    assert [p.name for p in states] == ["state_step_6.pth"]
+    assert all(torch.isfinite(t).all() for t in weights(states[0]).values())
+
+
+def test_fresh_starts_over(gan_cfg) -> None:
+    GANTrainer(gan_cfg("TRAIN.MAX_STEPS=2"), CPU, progress=False).train()
+    assert GANTrainer(gan_cfg("TRAIN.MAX_STEPS=2"), CPU, progress=False).step == 2
+    fresh = GANTrainer(gan_cfg("TRAIN.MAX_STEPS=2"), CPU, fresh=True, progress=False)
+    assert fresh.step == 0 and not list(fresh.model_dir.glob("*.pth"))
+
+
+def test_user_errors_are_one_clear_line(gan_cfg, data_dir, encoder_ckpt, tmp_path,
+                                        capsys) -> None:
+    bad = tmp_path / "clip9.pth"
+    bad.write_bytes(b"not a checkpoint")
+    args = _cli_args("clip_shapes_DMGAN.yml", data_dir, encoder_ckpt, tmp_path / "x",
+                     f"TRAIN.NET_E={bad}")
+    assert main_cli.main([*args, "--no-progress"]) == 1
+    assert "error: encoder checkpoint" in capsys.readouterr().err
+    assert main_cli.main([*args[:-2], "--set", f"TRAIN.NET_E={tmp_path / 'missing'}"]) == 1
+    assert "TRAIN.NET_E: stage-1 encoder not found" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="set TEXT.EMBEDDING_DIM: 64"):
+        trainer_mod.load_frozen_encoder(gan_cfg("TEXT.EMBEDDING_DIM=512"), CPU)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@pytest.fixture(scope="module")
+def trained(data_dir, encoder_ckpt, tmp_path_factory) -> Path:
+    """Output dir of a 6-step (one epoch) tiny run: Model/netG_epoch_1.pth."""
+    out = tmp_path_factory.mktemp("trained")
+    cfg = load_config(ROOT / "cfg" / "clip_shapes_DMGAN.yml",
+                      [f"DATA_DIR={data_dir}", f"OUTPUT_DIR={out}", f"TRAIN.NET_E={encoder_ckpt}",
+                       *TINY, "TRAIN.MAX_EPOCH=1"], quiet=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    GANTrainer(cfg, CPU, progress=False).train()
+    torch.set_num_threads(before)
+    return out
+
+
+def test_evaluation_writes_one_image_per_test_caption(gan_cfg, trained, tmp_path, data_dir,
+                                                      encoder_ckpt, capsys) -> None:
+    cfg = gan_cfg(f"TRAIN.NET_G={trained / 'Model' / 'netG_epoch_1.pth'}", "TRAIN.BATCH_SIZE=7",
+                  eval_cfg=True)
+    result = generate_test_set(cfg, CPU, progress=False)
+    single = tmp_path / "run" / "valid" / "single"
+    from datasets import read_split
+
+    info = read_split(cfg, "test")
+    expected = {f"{key}_s{k}.png" for key, caps in zip(info.keys, info.captions, strict=True)
+                for k in range(len(caps))}
+    found = {str(p.relative_to(single)) for p in single.rglob("*.png")}
+    assert found == expected and len(found) == 120
+    from PIL import Image
+
+    with Image.open(single / sorted(expected)[0]) as img:
+        assert img.size == (32, 32)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))
+    assert metrics["images"] == 120 and 0 <= metrics["r_precision"] <= 1
+    assert len(metrics["folds"]) == 10 and metrics["negatives"] == 99
+    assert 0 <= metrics["clip_score"] <= 100
+    # the standalone script scores the same tree (<OUTPUT_DIR>/valid/single) the same way
+    capsys.readouterr()
+    args = _cli_args("eval_clip_shapes.yml", data_dir, encoder_ckpt, tmp_path / "run")
+    assert r_precision_cli.main([*args, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["images"] == 120 and again["path"] == str(single)
+    assert again["r_precision"] == pytest.approx(metrics["r_precision"])
+    assert again["clip_score"] == pytest.approx(metrics["clip_score"], abs=1e-4)
+    # with images missing it scores the rest and says so
+    for p in sorted(single.rglob("*_s9.png")):
+        p.unlink()
+    with pytest.warns(UserWarning, match="12 of 120 test-caption images are missing"):
+        assert score_tree(cfg, single, CPU, progress=False)["images"] == 108
+
+
+def test_evaluation_on_a_tiny_test_split_samples_with_replacement(tmp_path, gan_cfg, trained,
+                                                                  shapes_dir) -> None:
+    """3 test images: fewer than 99 captions of other classes -> with replacement, noted."""
+    from datasets import safe_load_pickle, write_pickle
+
+    small = tmp_path / "small"
+    shutil.copytree(shapes_dir, small)
+    for name in ("filenames.pickle", "class_info.pickle"):
+        write_pickle(safe_load_pickle(small / "test" / name)[:3], small / "test" / name)
+    cfg = gan_cfg(f"DATA_DIR={small}", f"TRAIN.NET_G={trained / 'Model'}", eval_cfg=True)
+    result = generate_test_set(cfg, CPU, progress=False)
+    assert result["images"] == 30 and result["with_replacement"]
+    assert "with replacement" in result["note"] and 0 <= result["r_precision"] <= 1
+
+
+def test_custom_captions_grid(gan_cfg, trained, tmp_path, data_dir) -> None:
+    captions = tmp_path / "mine.txt"
+    captions.write_text("a large red circle in the center\n\na small blue square\n")
+    cfg = gan_cfg(f"TRAIN.NET_G={trained / 'Model'}", "B_VALIDATION=False", eval_cfg=True)
+    [grid] = generate_custom(cfg, CPU, str(captions))
+    assert grid == tmp_path / "run" / "examples" / "mine.png" and grid.is_file()
+    assert sorted(p.name for p in (tmp_path / "run" / "examples" / "mine").iterdir()) == \
+        ["0.png", "1.png"]
+    # without --captions: the files listed in <DATA_DIR>/example_filenames.txt
+    assert [p.name for p in generate_custom(cfg, CPU)] == ["example_captions.png"]
+
+
+def test_generator_of_another_architecture_is_refused(gan_cfg, trained, data_dir, encoder_ckpt,
+                                                      tmp_path, capsys) -> None:
+    args = _cli_args("eval_clip_shapes.yml", data_dir, encoder_ckpt, tmp_path / "x",
+                     f"TRAIN.NET_G={trained / 'Model' / 'netG_epoch_1.pth'}",
+                     "TREE.BRANCH_NUM=3")
+    assert main_cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "does not match this architecture" in err and "missing keys: " in err
+    assert "stages.1." in err and "BRANCH_NUM: checkpoint 2 vs config 3" in err
+
+
+# --------------------------------------------------------------------------- R-precision
+def test_r_precision_batched_equals_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    n_img, caps, dim = 40, 5, 16
+    sent = torch.randn(n_img, caps, dim, generator=g)
+    classes = torch.arange(n_img) % 8
+    num = torch.full((n_img,), caps)
+    num[3] = 2  # an image with fewer captions: its padded rows are never negatives
+    items = caption_items(num)
+    bank = sent.reshape(-1, dim)
+    true_idx = items[:, 0] * caps + items[:, 1]
+    # half the images are close to their caption, half are random: R-precision strictly inside
+    codes = torch.randn(len(items), dim, generator=g)
+    codes[::2] = bank[true_idx[::2]] + 0.3 * codes[::2]
+    valid = (torch.arange(caps)[None] < num[:, None]).reshape(-1)
+    bank_class = classes.repeat_interleave(caps)
+    negatives, info = sample_negatives(classes[items[:, 0]], bank_class, valid, 99, seed=1)
+    assert not info["with_replacement"] and negatives.shape == (len(items), 99)
+    assert torch.all(bank_class[negatives] != classes[items[:, 0]][:, None])
+    assert torch.all(valid[negatives])
+    assert all(len(set(row.tolist())) == 99 for row in negatives)  # without replacement
+    batched = rank_first(codes, bank, true_idx, negatives, max_elements=500)
+    looped = rank_first_loop(codes, bank, true_idx, negatives)
+    assert torch.equal(batched, looped)
+    mean, _, rates = fold_stats(batched)
+    assert 0.3 < mean < 0.9 and len(rates) == 10
+    folds = [sum(part) / len(part) for part in np.array_split(looped.tolist(), 10)]
+    assert mean == pytest.approx(sum(folds) / 10)
+
+
+@pytest.mark.parametrize("captions", [1, 3])  # pools of ~595 and ~1785 (>= 4·99: redraw repeats)
+def test_negatives_large_pools_are_distinct_and_cover_other_classes(captions: int) -> None:
+    classes = torch.arange(600) // 2  # pairs of images share a class
+    bank_class = classes.repeat_interleave(captions)
+    valid = torch.ones(len(bank_class), dtype=torch.bool)
+    valid[::7] = False
+    negatives, info = sample_negatives(classes, bank_class, valid, 99, seed=0)
+    assert not info["with_replacement"] and negatives.shape == (600, 99)
+    assert torch.all(bank_class[negatives] != classes[:, None]) and torch.all(valid[negatives])
+    assert all(len(set(row.tolist())) == 99 for row in negatives)
+    # every allowed caption can be drawn (no part of the pool is unreachable)
+    hits = torch.bincount(negatives.flatten(), minlength=len(valid))
+    assert torch.all(hits[valid] > 0) and torch.all(hits[~valid] == 0)
+
+
+def test_r_precision_small_pools() -> None:
+    classes = torch.tensor([0, 0, 1])
+    bank_class = classes.repeat_interleave(2)
+    valid = torch.ones(6, dtype=torch.bool)
+    negatives, info = sample_negatives(classes, bank_class, valid, 99)
+    assert info["with_replacement"] and info["smallest_pool"] == 2
+    assert negatives.shape == (3, 99)
+    assert torch.all(bank_class[negatives] != classes[:, None])
+    none, info = sample_negatives(torch.zeros(3, dtype=torch.long),
+                                  torch.zeros(6, dtype=torch.long), valid, 99)
+    assert none is None and info["smallest_pool"] == 0
+
+
+# --------------------------------------------------------------------------- distributed
+def test_torchrun_two_processes_train_and_generate(data_dir, encoder_ckpt, tmp_path) -> None:
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", "main.py", "--no-progress"]
+    train = subprocess.run(
+        [*torchrun, *_cli_args("clip_shapes_DMGAN.yml", data_dir, encoder_ckpt, out,
+                               "TRAIN.MAX_EPOCH=2", "TRAIN.BATCH_SIZE=3")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "done: epoch 2, step 8" in train.stdout  # 24 images / 2 ranks / 3 = 4 steps
+    state = load_checkpoint(out / "Model" / "state_step_8.pth")
+    assert state["step"] == 8
+    gen = subprocess.run(
+        [*torchrun, *_cli_args("eval_clip_shapes.yml", data_dir, encoder_ckpt, out,
+                               f"TRAIN.NET_G={out / 'Model'}", "TRAIN.BATCH_SIZE=16")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 120 and metrics["processes"] == 2
+    assert len(list((out / "valid" / "single").rglob("*.png"))) == 120
+    # one process generates the same images (noise does not depend on the rank count)
+    cfg = load_config(ROOT / "cfg" / "eval_clip_shapes.yml",
+                      [f"DATA_DIR={data_dir}", f"OUTPUT_DIR={tmp_path / 'one'}",
+                       f"TRAIN.NET_E={encoder_ckpt}", *TINY, f"TRAIN.NET_G={out / 'Model'}",
+                       "TRAIN.BATCH_SIZE=16"], quiet=True)
+    single = generate_test_set(cfg, CPU, progress=False)
+    assert single["r_precision"] == pytest.approx(metrics["r_precision"], abs=0.02)
+    assert single["clip_score"] == pytest.approx(metrics["clip_score"], abs=0.05)
