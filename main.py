@@ -8,26 +8,16 @@
 
 from __future__ import annotations
 
-import sys
-
-import torch
-
-from datasets import DataError
-from miscc.config import ConfigError, build_parser, config_from_args
-from miscc.training import NonFiniteLoss
-from miscc.utils import (
-    CheckpointError,
-    cleanup_distributed,
-    init_distributed,
-    is_main_process,
-    seed_everything,
-)
-from model import EncoderLoadError
+from miscc.config import build_parser, config_from_args
+from miscc.training import USER_ERRORS, start_process
+from miscc.utils import is_main_process, run_command
 from trainer import GANTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, pick the mode from TRAIN.FLAG / B_VALIDATION, run it."""
+    """Parse arguments, pick the mode from TRAIN.FLAG / B_VALIDATION, run it. Exit codes: 0
+    done, 2 a config/data/checkpoint/weights problem (an `error:` line on stderr), 3 a
+    non-finite loss."""
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--fresh", action="store_true",
                         help="start training over (removes this run's checkpoints)")
@@ -37,11 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    rank, world, device = init_distributed(int(cfg.GPU_ID))
-    if device.type == "cpu" and int(cfg.CPU_THREADS) > 0:
-        torch.set_num_threads(int(cfg.CPU_THREADS))
-    seed_everything(int(cfg.SEED))
-    try:
+    rank, world, device = start_process(cfg)
+
+    def body() -> None:
         if cfg.TRAIN.FLAG:
             trainer = GANTrainer(cfg, device, rank, world, fresh=args.fresh,
                                  progress=not args.no_progress)
@@ -58,15 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if is_main_process():
                 generate_custom(cfg, device, args.captions)
-    except (DataError, CheckpointError, ConfigError, EncoderLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    finally:
-        cleanup_distributed()
-    return 0
+
+    return run_command(body, USER_ERRORS)
 
 
 if __name__ == "__main__":

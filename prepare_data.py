@@ -23,7 +23,7 @@ from datasets import (
     read_split,
 )
 from miscc.config import add_common_args, config_from_args
-from miscc.utils import atomic_write_bytes
+from miscc.utils import atomic_write_bytes, run_command
 
 SHAPES_MARKER = "shapes.json"  # the generator's parameters, written once the set is complete
 
@@ -84,6 +84,7 @@ def cmd_cache(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Exit codes: 0 done, 2 a data problem (an `error:` line on stderr)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     shapes = sub.add_parser("shapes", help="generate the synthetic shapes set (CUB layout)")
@@ -101,14 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd_shapes(args)
         return 0
     cfg = config_from_args(args)
-    try:
-        if args.command == "check":
-            return cmd_check(cfg)
-        cmd_cache(cfg)
-    except DataError as err:
-        print(f"data error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> int | None:
+        return cmd_check(cfg) if args.command == "check" else cmd_cache(cfg)
+
+    return run_command(body, (DataError,))
 
 
 if __name__ == "__main__":

@@ -10,22 +10,10 @@ state_step_<step>.pth (resume state), Image/attention_*.png, logs/ (TensorBoard)
 
 from __future__ import annotations
 
-import sys
-
-import torch
-
-from datasets import DataError
-from miscc.config import ConfigError, build_parser, config_from_args
+from miscc.config import build_parser, config_from_args
 from miscc.damsm import DAMSMTrainer
-from miscc.training import NonFiniteLoss
-from miscc.utils import (
-    CheckpointError,
-    cleanup_distributed,
-    init_distributed,
-    is_main_process,
-    seed_everything,
-)
-from model import EncoderLoadError
+from miscc.training import USER_ERRORS, start_process
+from miscc.utils import is_main_process, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    rank, world, device = init_distributed(int(cfg.GPU_ID))
-    if device.type == "cpu" and int(cfg.CPU_THREADS) > 0:
-        torch.set_num_threads(int(cfg.CPU_THREADS))
-    seed_everything(int(cfg.SEED))
-    try:
+    rank, world, device = start_process(cfg)
+
+    def body() -> None:
         trainer = DAMSMTrainer(cfg, device, rank, world, fresh=args.fresh,
                                progress=not args.no_progress)
         summary = trainer.train()
@@ -51,15 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             score = f", val R@1 {val['R1']:.3f}" if val else ""
             print(f"done: epoch {summary['epoch']}, step {summary['step']}{score}; "
                   f"encoder checkpoints in {trainer.model_dir}")
-    except (DataError, CheckpointError, ConfigError, EncoderLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    finally:
-        cleanup_distributed()
-    return 0
+
+    return run_command(body, USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ any model's images laid out the same way) with the dataset and encoder of the co
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -241,11 +240,11 @@ def score_tree(cfg, path: str | Path, device: torch.device, progress: bool = Tru
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: score an existing generated tree."""
-    from datasets import DataError
-    from miscc.config import ConfigError, build_parser, config_from_args
-    from miscc.utils import CheckpointError, select_device
-    from model import EncoderLoadError
+    """Command line: score an existing generated tree. Exit codes: 0 done, 2 missing images or
+    a config/data/checkpoint/weights problem (an `error:` line on stderr)."""
+    from miscc.config import build_parser, config_from_args
+    from miscc.training import USER_ERRORS
+    from miscc.utils import run_command, select_device
 
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--path", default=None,
@@ -253,17 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    try:
+
+    def body() -> None:
         device = select_device(int(cfg.GPU_ID))
         if device.type == "cpu" and int(cfg.CPU_THREADS) > 0:
             torch.set_num_threads(int(cfg.CPU_THREADS))
         path = args.path or str(Path(cfg.OUTPUT_DIR) / "valid" / "single")
         result = score_tree(cfg, path, device, progress=not args.json)
-    except (FileNotFoundError, DataError, CheckpointError, ConfigError, EncoderLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2) if args.json else "\n".join(report_lines(result)))
-    return 0
+        print(json.dumps(result, indent=2) if args.json else "\n".join(report_lines(result)))
+
+    return run_command(body, (*USER_ERRORS, FileNotFoundError))
 
 
 if __name__ == "__main__":

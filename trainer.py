@@ -12,9 +12,7 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -22,11 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import CaptionTokenizer, DataError, TextImageDataset, check_batch_size, image_sizes
-from miscc.config import ConfigError, save_config, to_plain
+from datasets import CaptionTokenizer, DataError, TextImageDataset, image_sizes
+from miscc.config import ConfigError, to_plain
 from miscc.losses import (
     discriminator_loss,
     generator_adv_loss,
@@ -36,10 +33,12 @@ from miscc.losses import (
     words_loss,
 )
 from miscc.training import (
-    EpochSampler,
-    NonFiniteLoss,
-    SeededItems,
+    EpochTrainer,
+    finite_stats,
+    load_resume_state,
     resolve_checkpoint,
+    save_resume_state,
+    seeded_train_loader,
     unwrap,
 )
 from miscc.utils import (
@@ -48,11 +47,8 @@ from miscc.utils import (
     atomic_write_bytes,
     barrier,
     is_main_process,
-    latest_checkpoint,
-    load_latest_valid,
     load_state_strict,
     rng_state,
-    set_rng_state,
 )
 from model import (
     ClipEncoder,
@@ -65,7 +61,6 @@ from model import (
 )
 
 STATE_FORMAT = "dmgan-train-state/1"
-KEEP_STATES = 2  # resume states kept on disk (netG_epoch_<N>.pth files are all kept)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -176,48 +171,26 @@ def text_feature_cache(cfg, split: str, tokens: torch.Tensor, encoder: ClipEncod
 
 
 # ---------------------------------------------------------------------------------- trainer
-class GANTrainer:
+class GANTrainer(EpochTrainer):
     """DM-GAN training loop (DESIGN §6, §8): D per scale, then G with adversarial + DAMSM + KL +
     contrastive losses, generator EMA, snapshots, exact resume."""
 
+    FRESH_PATTERNS = ("state_step_*.pth", "netG_*.pth")
+    FRESH_FOLDERS = ("logs",)  # the sample grids in Image/ stay
+
     def __init__(self, cfg, device: torch.device, rank: int = 0, world: int = 1,
                  fresh: bool = False, progress: bool = True) -> None:
-        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        self.out = Path(cfg.OUTPUT_DIR)
-        self.model_dir, self.image_dir = self.out / "Model", self.out / "Image"
-        self.main = is_main_process()
-        self.progress = progress and self.main
-        self.cuda = device.type == "cuda"
-        self.amp_dtype = (torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported()
-                          else torch.float16)
-        self.amp = bool(cfg.TRAIN.AMP) and self.cuda
+        super().__init__(cfg, device, rank, world, fresh, progress)
         self.channels_last = bool(cfg.TRAIN.CHANNELS_LAST) and self.cuda
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and
-                                           self.amp_dtype == torch.float16)
-        self.batch = int(cfg.TRAIN.BATCH_SIZE)
-        if fresh and self.main:
-            self._remove_old_run()
-        barrier()
 
         self.encoder = load_frozen_encoder(cfg, device)
         tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
         self.dataset = TextImageDataset(cfg, "train", tokenizer, image_sizes(cfg), views=1,
                                         train=True, use_cache=bool(cfg.TRAIN.USE_CACHE))
-        check_batch_size(self.dataset, self.batch, "train")
-        if len(self.dataset) // world < self.batch:
-            raise DataError(f"TRAIN.BATCH_SIZE={self.batch} per process is larger than the "
-                            f"train split's share of each of the {world} processes "
-                            f"({len(self.dataset) // world} images); lower TRAIN.BATCH_SIZE")
+        self.sampler, self.loader = seeded_train_loader(self.dataset, self.batch, cfg, device,
+                                                        rank, world)
         self.text = (text_feature_cache(cfg, "train", self.dataset.tokens, self.encoder, device,
                                         self.progress) if cfg.TRAIN.TEXT_CACHE else None)
-        self.sampler = EpochSampler(len(self.dataset), self.batch, int(cfg.SEED), rank, world)
-        workers = int(cfg.WORKERS)
-        self.loader = DataLoader(SeededItems(self.dataset, int(cfg.SEED)), self.batch,
-                                 sampler=self.sampler, num_workers=workers, drop_last=True,
-                                 pin_memory=bool(cfg.TRAIN.PIN_MEMORY) and self.cuda,
-                                 persistent_workers=bool(cfg.TRAIN.PERSISTENT_WORKERS)
-                                 and workers > 0)
-        self.steps_per_epoch = self.sampler.per_rank // self.batch
 
         self.arch = gan_arch(cfg, self.encoder.embed_dim)
         torch.manual_seed(int(cfg.SEED))
@@ -243,21 +216,10 @@ class GANTrainer:
             netDs = [DistributedDataParallel(d, device_ids=ids) for d in netDs]
         self.netG, self.netDs = netG, list(netDs)
         self.noise = torch.Generator().manual_seed(int(cfg.SEED) * 7919 + rank)
-        self.epoch, self.in_epoch, self.step = 0, 0, 0
         self._resume()
         self._setup_samples(tokenizer)
-        self.writer = None
 
     # ------------------------------------------------------------------ setup helpers
-    def _remove_old_run(self) -> None:
-        removed = [p for pat in ("state_step_*.pth", "netG_*.pth")
-                   for p in self.model_dir.glob(pat)]
-        for p in removed:
-            p.unlink()
-        shutil.rmtree(self.out / "logs", ignore_errors=True)
-        if removed:
-            print(f"--fresh: removed {len(removed)} checkpoint(s) from {self.model_dir}")
-
     def _setup_samples(self, tokenizer: CaptionTokenizer) -> None:
         """Fixed captions (spread over the test split) and fixed noise for the sample grids."""
         from datasets import read_split
@@ -276,10 +238,6 @@ class GANTrainer:
         n = len(self.sample_captions)
         self.sample_z = torch.randn(n, self.arch["Z_DIM"], generator=g).to(self.device)
         self.sample_eps = torch.randn(n, self.arch["CONDITION_DIM"], generator=g).to(self.device)
-
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp \
-            else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -301,18 +259,13 @@ class GANTrainer:
             return
         name = f"netG_step_{self.step}.pth" if self.in_epoch else f"netG_epoch_{self.epoch}.pth"
         atomic_torch_save(generator_checkpoint(self.ema), self.model_dir / name)
-        atomic_torch_save(self._state(), self.model_dir / f"state_step_{self.step}.pth")
-        for old in latest_checkpoint(self.model_dir, "state_step_*.pth")[KEEP_STATES:]:
-            old.unlink(missing_ok=True)
+        save_resume_state(self.model_dir, self._state(), self.step)
 
     def _resume(self) -> None:
-        found = load_latest_valid(latest_checkpoint(self.model_dir, "state_step_*.pth"),
-                                  "training state")
+        found = load_resume_state(self.model_dir, STATE_FORMAT, "stage-2 training state")
         if found is None:
             return
         path, state = found
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{path} is not a stage-2 training state")
         load_state_strict(unwrap(self.netG), state["netG"], f"generator in {path}")
         load_state_strict(self.ema, state["ema"], f"EMA generator in {path}")
         if len(state["netDs"]) != len(self.netDs):
@@ -324,10 +277,7 @@ class GANTrainer:
         self.optG.load_state_dict(state["optG"])
         self.scaler.load_state_dict(state["scaler"])
         self.noise.set_state(state["noise"])
-        set_rng_state(state["rng"])
-        self.epoch, self.in_epoch, self.step = state["epoch"], state["in_epoch"], state["step"]
-        if self.main:
-            print(f"resuming from {path} (epoch {self.epoch}, step {self.step})")
+        self._restore_progress(path, state)
 
     # ----------------------------------------------------------------------- one step
     def _text(self, batch: dict) -> tuple:
@@ -399,24 +349,7 @@ class GANTrainer:
         self.scaler.step(self.optG)
         self.scaler.update()
         self._update_ema()
-        return self._finite_stats(values)
-
-    def _finite_stats(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The step's losses as floats, averaged over processes, in one device-to-host copy.
-
-        A NaN/inf on any process survives the all-reduce, so every process stops together.
-        Nothing is saved after a bad step, so the last good checkpoint is what remains."""
-        flat = torch.stack([v.detach().float() for v in values.values()])
-        if self.world > 1:
-            torch.distributed.all_reduce(flat)
-            flat = flat / self.world
-        stats = dict(zip(values, flat.cpu().tolist(), strict=True))
-        if not all(math.isfinite(v) for v in stats.values()):
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items())
-            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} ({shown}); stopping. "
-                                f"The last good checkpoint in {self.model_dir} is kept; try a "
-                                "lower learning rate or TRAIN.AMP False")
-        return stats
+        return finite_stats(values, self.step, self.model_dir)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -447,61 +380,32 @@ class GANTrainer:
             self.writer.add_image("samples", grid, self.step, dataformats="HWC")
         return path
 
-    def _log(self, stats: dict[str, float]) -> None:
+    # ------------------------------------------------------------------- loop hooks
+    def _on_start(self) -> None:
+        if self.step == 0:
+            self.save_samples()
+
+    def _after_step(self, stats: dict[str, float], bar: tqdm) -> None:
         if self.writer is not None and self.step % 10 == 0:
             for k, v in stats.items():
                 self.writer.add_scalar(f"loss/{k}", v, self.step)
+        d_sum = sum(stats[f"D{i}"] for i in range(len(self.netDs)))
+        bar.set_postfix(D=f"{d_sum:.3f}", G=f"{stats['G']:.3f}")
 
-    def train(self) -> dict:
-        """Run until TRAIN.MAX_EPOCH (or TRAIN.MAX_STEPS); returns a short summary."""
-        cfg = self.cfg
-        max_epoch, max_steps = int(cfg.TRAIN.MAX_EPOCH), int(cfg.TRAIN.MAX_STEPS)
-        interval = max(1, int(cfg.TRAIN.SNAPSHOT_INTERVAL))
-        done = self.epoch >= max_epoch or (max_steps > 0 and self.step >= max_steps)
-        if self.main:
-            save_config(cfg, self.out)
-            if done:
-                print(f"training already complete (epoch {self.epoch}, step {self.step}); "
-                      "use --fresh to start over")
-            else:
-                from torch.utils.tensorboard import SummaryWriter
+    def _after_epoch(self, stats: dict[str, float], snapshot: bool) -> None:
+        if self.main and stats:
+            tqdm.write(f"epoch {self.epoch}: step {self.step} " + " ".join(
+                f"{k} {v:.3f}" for k, v in stats.items()))
+        if snapshot:
+            self.save()
+            self.save_samples()
 
-                self.writer = SummaryWriter(str(self.out / "logs"), purge_step=self.step)
-                if self.step == 0:
-                    self.save_samples()
-        last: dict[str, float] = {}
-        try:
-            while not done:
-                self.sampler.set_epoch(self.epoch, self.in_epoch)
-                bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{max_epoch}",
-                           total=len(self.loader), disable=not self.progress, leave=False)
-                for batch in bar:
-                    last = self.train_step(batch)
-                    self.step += 1
-                    self.in_epoch += 1
-                    self._log(last)
-                    d_sum = sum(last[f"D{i}"] for i in range(len(self.netDs)))
-                    bar.set_postfix(D=f"{d_sum:.3f}", G=f"{last['G']:.3f}")
-                    if max_steps > 0 and self.step >= max_steps:
-                        done = True
-                        break
-                if self.in_epoch >= self.steps_per_epoch:
-                    self.epoch, self.in_epoch = self.epoch + 1, 0
-                    done = done or self.epoch >= max_epoch
-                    if self.main and last:
-                        tqdm.write(f"epoch {self.epoch}: step {self.step} " + " ".join(
-                            f"{k} {v:.3f}" for k, v in last.items()))
-                    if self.epoch % interval == 0 or done:
-                        self.save()
-                        self.save_samples()
-                elif done:
-                    self.save()
-                    self.save_samples()
-        finally:
-            if self.writer is not None:
-                self.writer.close()
+    def _after_stop(self, stats: dict[str, float]) -> None:
+        self.save()
+        self.save_samples()
+
+    def _after_training(self) -> None:
         self._check_replicas()
-        return {"epoch": self.epoch, "step": self.step, "losses": last}
 
     def _check_replicas(self) -> None:
         """Under torchrun, fail loudly if the processes' weights have drifted apart."""

@@ -13,8 +13,6 @@ the optimizer, the one-cycle schedule and the grad scaler are in the resume stat
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import warnings
 from pathlib import Path
 
@@ -23,26 +21,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import CaptionTokenizer, DataError, TextImageDataset, check_batch_size, image_sizes
-from miscc.config import save_config, to_plain
+from datasets import CaptionTokenizer, TextImageDataset, image_sizes
+from miscc.config import to_plain
 from miscc.losses import nt_xent, sent_loss, words_loss
-from miscc.training import EpochSampler, NonFiniteLoss, SeededItems, resolve_checkpoint
-from miscc.utils import (
-    CheckpointError,
-    all_reduce_mean,
-    atomic_torch_save,
-    barrier,
-    is_main_process,
-    latest_checkpoint,
-    load_latest_valid,
-    load_state_strict,
-    rng_state,
-    set_rng_state,
+from miscc.training import (
+    EpochTrainer,
+    finite_stats,
+    load_resume_state,
+    loader_options,
+    resolve_checkpoint,
+    save_resume_state,
+    seeded_train_loader,
 )
+from miscc.utils import atomic_torch_save, load_state_strict, rng_state
 from model import ClipEncoder
 
 STATE_FORMAT = "damsm-train-state/1"
-KEEP_STATES = 2  # resume states kept on disk (every clip<epoch>.pth is kept)
 TRAIN_STATS = ("loss", "words", "sent", "contrastive")
 
 
@@ -78,27 +72,16 @@ def retrieval_accuracy(text: torch.Tensor, owner: torch.Tensor, images: torch.Te
     return {f"R{k}": float((rank < k).float().mean()) for k in ks}
 
 
-class DAMSMTrainer:
+class DAMSMTrainer(EpochTrainer):
     """Stage-1 loop: one-cycle AdamW over the CLIP backbone (TRAIN.ENCODER_LR) and the new
     parameters (TRAIN.ADAPTER_LR), validation + attention maps each epoch, exact resume."""
 
+    FRESH_PATTERNS = ("state_step_*.pth", "clip*.pth", "encoder_step_*.pth")
+    FRESH_FOLDERS = ("logs", "Image")
+
     def __init__(self, cfg, device: torch.device, rank: int = 0, world: int = 1,
                  fresh: bool = False, progress: bool = True) -> None:
-        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        self.out = Path(cfg.OUTPUT_DIR)
-        self.model_dir, self.image_dir = self.out / "Model", self.out / "Image"
-        self.main = is_main_process()
-        self.progress = progress and self.main
-        cuda = device.type == "cuda"
-        self.amp = bool(cfg.TRAIN.AMP) and cuda
-        self.amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() \
-            else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and
-                                           self.amp_dtype == torch.float16)
-        self.batch = int(cfg.TRAIN.BATCH_SIZE)
-        if fresh and self.main:
-            self._remove_old_run()
-        barrier()
+        super().__init__(cfg, device, rank, world, fresh, progress)
 
         # data: only the largest GAN scale is needed (what stage 2 feeds the image tower)
         self.tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
@@ -106,21 +89,12 @@ class DAMSMTrainer:
         cache = bool(cfg.TRAIN.USE_CACHE)
         self.dataset = TextImageDataset(cfg, "train", self.tokenizer, sizes, views=2,
                                         train=True, use_cache=cache)
-        check_batch_size(self.dataset, self.batch, "train")
-        if len(self.dataset) // world < self.batch:
-            raise DataError(f"TRAIN.BATCH_SIZE={self.batch} per process is larger than the "
-                            f"train split's share of each of the {world} processes "
-                            f"({len(self.dataset) // world} images); lower TRAIN.BATCH_SIZE")
+        self.sampler, self.loader = seeded_train_loader(self.dataset, self.batch, cfg, device,
+                                                        rank, world)
         self.test = TextImageDataset(cfg, "test", self.tokenizer, sizes, views=1, train=False,
                                      use_cache=cache)
-        self.sampler = EpochSampler(len(self.dataset), self.batch, int(cfg.SEED), rank, world)
-        workers = int(cfg.WORKERS)
-        loader_opts = {"num_workers": workers, "pin_memory": bool(cfg.TRAIN.PIN_MEMORY) and cuda,
-                       "persistent_workers": bool(cfg.TRAIN.PERSISTENT_WORKERS) and workers > 0}
-        self.loader = DataLoader(SeededItems(self.dataset, int(cfg.SEED)), self.batch,
-                                 sampler=self.sampler, drop_last=True, **loader_opts)
-        self.test_loader = DataLoader(self.test, self.batch, shuffle=False, **loader_opts)
-        self.steps_per_epoch = self.sampler.per_rank // self.batch
+        self.test_loader = DataLoader(self.test, self.batch, shuffle=False,
+                                      **loader_options(cfg, device))
         self.total_steps = self.steps_per_epoch * max(1, int(cfg.TRAIN.MAX_EPOCH))
 
         # model, optimizer, schedule
@@ -139,10 +113,9 @@ class DAMSMTrainer:
         self.model = self.encoder
         if world > 1:
             self.model = DistributedDataParallel(
-                self.encoder, device_ids=[device.index] if cuda else None)
-        self.epoch, self.in_epoch, self.step = 0, 0, 0
+                self.encoder, device_ids=[device.index] if self.cuda else None)
+        self.val: dict[str, float] = {}  # the latest validation results
         self._resume()
-        self.writer = None
 
     # ----------------------------------------------------------------------------- setup
     def _one_cycle(self) -> torch.optim.lr_scheduler.OneCycleLR:
@@ -153,20 +126,6 @@ class DAMSMTrainer:
             self.optimizer, max_lr=[g["lr"] for g in self.optimizer.param_groups],
             total_steps=self.total_steps, pct_start=float(self.cfg.TRAIN.PCT_START),
             anneal_strategy="cos", cycle_momentum=False)
-
-    def _remove_old_run(self) -> None:
-        removed = [p for pat in ("state_step_*.pth", "clip*.pth", "encoder_step_*.pth")
-                   for p in self.model_dir.glob(pat)]
-        for p in removed:
-            p.unlink()
-        shutil.rmtree(self.out / "logs", ignore_errors=True)
-        shutil.rmtree(self.image_dir, ignore_errors=True)
-        if removed:
-            print(f"--fresh: removed {len(removed)} checkpoint(s) from {self.model_dir}")
-
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp \
-            else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -190,18 +149,14 @@ class DAMSMTrainer:
             return
         name = f"encoder_step_{self.step}.pth" if self.in_epoch else f"clip{self.epoch}.pth"
         atomic_torch_save(self.encoder.checkpoint_state(), self.model_dir / name)
-        atomic_torch_save(self._state(), self.model_dir / f"state_step_{self.step}.pth")
-        for old in latest_checkpoint(self.model_dir, "state_step_*.pth")[KEEP_STATES:]:
-            old.unlink(missing_ok=True)
+        save_resume_state(self.model_dir, self._state(), self.step)
 
     def _resume(self) -> None:
-        found = load_latest_valid(latest_checkpoint(self.model_dir, "state_step_*.pth"),
-                                  "training state")
+        found = load_resume_state(self.model_dir, STATE_FORMAT,
+                                  "stage-1 (pretrain_DAMSM.py) training state")
         if found is None:
             return
         path, state = found
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{path} is not a stage-1 (pretrain_DAMSM.py) training state")
         load_state_strict(self.encoder, state["encoder"]["state_dict"], f"encoder in {path}")
         self.optimizer.load_state_dict(state["optimizer"])
         sched = dict(state["scheduler"])
@@ -219,10 +174,7 @@ class DAMSMTrainer:
                          _schedule_phases=fresh["_schedule_phases"])
         self.scheduler.load_state_dict(sched)
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        self.epoch, self.in_epoch, self.step = state["epoch"], state["in_epoch"], state["step"]
-        if self.main:
-            print(f"resuming from {path} (epoch {self.epoch}, step {self.step})")
+        self._restore_progress(path, state)
 
     # --------------------------------------------------------------------------- one step
     def losses(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,13 +202,9 @@ class DAMSMTrainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         """Forward, finite check (all ranks together), backward, clip, step, schedule."""
         loss, parts = self.losses(batch)
-        parts = all_reduce_mean(parts.float()).cpu()  # one sync: the logged values + the check
-        stats = dict(zip(TRAIN_STATS, parts.tolist(), strict=True))
-        if not torch.isfinite(parts).all():
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items())
-            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} ({shown}); stopping. "
-                                f"The last good checkpoint in {self.model_dir} is kept; try a "
-                                "lower learning rate or TRAIN.AMP False")
+        # one sync: the logged values + the check
+        stats = finite_stats(dict(zip(TRAIN_STATS, parts, strict=True)), self.step,
+                             self.model_dir)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -334,51 +282,24 @@ class DAMSMTrainer:
 
     # ---------------------------------------------------------------------------- the loop
     def train(self) -> dict:
-        """Run until TRAIN.MAX_EPOCH (or TRAIN.MAX_STEPS); returns a short summary."""
-        cfg = self.cfg
-        max_epoch, max_steps = int(cfg.TRAIN.MAX_EPOCH), int(cfg.TRAIN.MAX_STEPS)
-        interval = max(1, int(cfg.TRAIN.SNAPSHOT_INTERVAL))
-        done = self.epoch >= max_epoch or (max_steps > 0 and self.step >= max_steps)
-        if self.main:
-            save_config(cfg, self.out)
-            if done:
-                print(f"training already complete (epoch {self.epoch}, step {self.step}); "
-                      "use --fresh to start over")
-            else:
-                from torch.utils.tensorboard import SummaryWriter
+        """Run until TRAIN.MAX_EPOCH (or TRAIN.MAX_STEPS); returns a short summary with the
+        last validation results (`val`, empty when nothing was trained)."""
+        self.val = {}
+        return {**super().train(), "val": self.val}
 
-                self.writer = SummaryWriter(str(self.out / "logs"), purge_step=self.step)
-        last: dict[str, float] = {}
-        val: dict[str, float] = {}
-        try:
-            while not done:
-                self.sampler.set_epoch(self.epoch, self.in_epoch)
-                bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{max_epoch}",
-                           total=len(self.loader), disable=not self.progress, leave=False)
-                for batch in bar:
-                    last = self.train_step(batch)
-                    self.step += 1
-                    self.in_epoch += 1
-                    if self.writer is not None:
-                        for k, v in last.items():
-                            self.writer.add_scalar(f"train/{k}", v, self.step)
-                        for i, lr in enumerate(self.scheduler.get_last_lr()):
-                            self.writer.add_scalar(f"lr/group{i}", lr, self.step)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}")
-                    if max_steps > 0 and self.step >= max_steps:
-                        done = True
-                        break
-                if self.in_epoch >= self.steps_per_epoch:
-                    self.epoch, self.in_epoch = self.epoch + 1, 0
-                    done = done or self.epoch >= max_epoch
-                    val = self._validate_and_log()
-                    if self.epoch % interval == 0 or done:
-                        self.save()
-                elif done:
-                    val = self._validate_and_log()
-                    self.save()
-        finally:
-            if self.writer is not None:
-                self.writer.close()
-        barrier()
-        return {"epoch": self.epoch, "step": self.step, "losses": last, "val": val}
+    def _after_step(self, stats: dict[str, float], bar: tqdm) -> None:
+        if self.writer is not None:
+            for k, v in stats.items():
+                self.writer.add_scalar(f"train/{k}", v, self.step)
+            for i, lr in enumerate(self.scheduler.get_last_lr()):
+                self.writer.add_scalar(f"lr/group{i}", lr, self.step)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}")
+
+    def _after_epoch(self, stats: dict[str, float], snapshot: bool) -> None:
+        self.val = self._validate_and_log()
+        if snapshot:
+            self.save()
+
+    def _after_stop(self, stats: dict[str, float]) -> None:
+        self.val = self._validate_and_log()
+        self.save()

@@ -32,7 +32,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from miscc.utils import CheckpointError, atomic_write_bytes, load_checkpoint, select_device
+from miscc.utils import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    run_command,
+    select_device,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIMS_CHOICES = (64, 192, 768, 2048)
@@ -850,9 +856,5 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
 
 
 def run_cli(fn: Callable[[], int]) -> int:
-    """Run a command-line body; a MetricsError becomes one 'error:' message and exit code 1."""
-    try:
-        return fn()
-    except MetricsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    """Run a command-line body; a MetricsError becomes one 'error:' message and exit code 2."""
+    return run_command(fn, (MetricsError,))

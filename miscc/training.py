@@ -1,19 +1,54 @@
-"""Pieces both training stages share: exact-resume data order, checkpoint lookup, errors."""
+"""Pieces both training stages share: exact-resume data order, mixed precision, checkpoint
+lookup and resume states, the finite-loss check, `--fresh`, and the epoch/step loop
+(`EpochTrainer`, the base of stage 1's DAMSMTrainer and stage 2's GANTrainer)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
-from miscc.utils import CheckpointError, latest_checkpoint
+from datasets import DataError, check_batch_size
+from miscc.config import ConfigError, save_config
+from miscc.utils import (  # NonFiniteLoss is defined there for run_command; importable here
+    CheckpointError,
+    NonFiniteLoss,
+    all_reduce_mean,
+    atomic_torch_save,
+    barrier,
+    init_distributed,
+    is_main_process,
+    latest_checkpoint,
+    load_latest_valid,
+    seed_everything,
+    set_rng_state,
+)
+from model import EncoderLoadError
+
+# what main.py, pretrain_DAMSM.py and r_precision.py report as `error:` + exit code 2
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError,
+                                            EncoderLoadError)
+STATE_PATTERN = "state_step_*.pth"  # resume states in <OUTPUT_DIR>/Model
+KEEP_STATES = 2  # resume states kept on disk (the weights-only checkpoints are all kept)
 
 
-class NonFiniteLoss(RuntimeError):
-    """A loss became NaN/inf; the run stops and the last good checkpoint stays in place."""
+def start_process(cfg) -> tuple[int, int, torch.device]:
+    """A training command's start: torch.distributed under torchrun, the device (GPU_ID),
+    CPU_THREADS on the CPU, every RNG seeded from SEED; returns (rank, world size, device)."""
+    rank, world, device = init_distributed(int(cfg.GPU_ID))
+    if device.type == "cpu" and int(cfg.CPU_THREADS) > 0:
+        torch.set_num_threads(int(cfg.CPU_THREADS))
+    seed_everything(int(cfg.SEED))
+    return rank, world, device
 
 
 def resolve_checkpoint(path: str, pattern: str, what: str, key: str) -> Path:
@@ -31,6 +66,7 @@ def resolve_checkpoint(path: str, pattern: str, what: str, key: str) -> Path:
     return p
 
 
+# ------------------------------------------------------------------------------------ data
 class EpochSampler(Sampler):
     """This rank's share of a per-epoch permutation, yielding (epoch, index) pairs.
 
@@ -68,10 +104,213 @@ class SeededItems(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict:
         epoch, index = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            # the CPU generator only: torch.manual_seed would also queue a CUDA/XPU/MTIA
+            # re-seed (with a recorded stack trace) on every item
+            seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+            torch.default_generator.manual_seed(seed)
             return self.base[index]
+
+
+def loader_options(cfg, device: torch.device) -> dict[str, Any]:
+    """DataLoader workers, pinned memory (CUDA only) and persistent workers from the config."""
+    workers = int(cfg.WORKERS)
+    return {"num_workers": workers,
+            "pin_memory": bool(cfg.TRAIN.PIN_MEMORY) and device.type == "cuda",
+            "persistent_workers": bool(cfg.TRAIN.PERSISTENT_WORKERS) and workers > 0}
+
+
+def seeded_train_loader(dataset: Dataset, batch: int, cfg, device: torch.device, rank: int = 0,
+                        world: int = 1) -> tuple[EpochSampler, DataLoader]:
+    """(sampler, loader) of the train split for exact resume (`EpochSampler` + `SeededItems`,
+    last partial batch dropped); a DataError when one batch per process does not fit."""
+    check_batch_size(dataset, batch, "train")
+    if len(dataset) // world < batch:
+        raise DataError(f"TRAIN.BATCH_SIZE={batch} per process is larger than the "
+                        f"train split's share of each of the {world} processes "
+                        f"({len(dataset) // world} images); lower TRAIN.BATCH_SIZE")
+    sampler = EpochSampler(len(dataset), batch, int(cfg.SEED), rank, world)
+    loader = DataLoader(SeededItems(dataset, int(cfg.SEED)), batch, sampler=sampler,
+                        drop_last=True, **loader_options(cfg, device))
+    return sampler, loader
+
+
+# ---------------------------------------------------------------------- precision, losses
+def mixed_precision(cfg, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
+    """(autocast on?, its dtype, grad scaler): TRAIN.AMP on CUDA only, bf16 where the GPU
+    supports it (no loss scaling needed), else fp16 with an enabled GradScaler."""
+    cuda = device.type == "cuda"
+    amp = bool(cfg.TRAIN.AMP) and cuda
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
+    return amp, dtype, scaler
+
+
+def autocast(amp: bool, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """CUDA autocast to `dtype` when `amp`, else a no-op context."""
+    return torch.autocast("cuda", dtype=dtype) if amp else contextlib.nullcontext()
+
+
+def finite_stats(values: Mapping[str, torch.Tensor], step: int,
+                 model_dir: Path) -> dict[str, float]:
+    """The step's losses as floats, averaged over processes, in one device-to-host copy.
+
+    A NaN/inf on any process survives the all-reduce, so every process raises NonFiniteLoss
+    (naming step + 1, the step that failed) together; nothing is saved after a bad step, so
+    the last good checkpoint in `model_dir` is what remains."""
+    flat = all_reduce_mean(torch.stack([v.detach().float() for v in values.values()]))
+    stats = dict(zip(values, flat.cpu().tolist(), strict=True))
+    if not all(math.isfinite(v) for v in stats.values()):
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items())
+        raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({shown}); stopping. "
+                            f"The last good checkpoint in {model_dir} is kept; try a "
+                            "lower learning rate or TRAIN.AMP False")
+    return stats
 
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+# ------------------------------------------------------------------- run folders, states
+def remove_old_run(model_dir: Path, patterns: Iterable[str], folders: Iterable[Path]) -> int:
+    """`--fresh`: delete the checkpoints matching `patterns` in `model_dir` and the `folders`;
+    returns (and prints, when any) the number of checkpoints removed."""
+    removed = [p for pat in patterns for p in model_dir.glob(pat)]
+    for p in removed:
+        p.unlink()
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    if removed:
+        print(f"--fresh: removed {len(removed)} checkpoint(s) from {model_dir}")
+    return len(removed)
+
+
+def load_resume_state(model_dir: Path, fmt: str, what: str) -> tuple[Path, dict] | None:
+    """The newest readable resume state in `model_dir` (unreadable ones are skipped with a
+    warning), or None; a CheckpointError when it is not of format `fmt` (`what` names it)."""
+    found = load_latest_valid(latest_checkpoint(model_dir, STATE_PATTERN), "training state")
+    if found is not None and found[1].get("format") != fmt:
+        raise CheckpointError(f"{found[0]} is not a {what}")
+    return found
+
+
+def save_resume_state(model_dir: Path, state: dict, step: int) -> Path:
+    """Write state_step_<step>.pth atomically and delete all but the newest KEEP_STATES."""
+    path = model_dir / f"state_step_{step}.pth"
+    atomic_torch_save(state, path)
+    for old in latest_checkpoint(model_dir, STATE_PATTERN)[KEEP_STATES:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------ the loop
+class EpochTrainer:
+    """Base of both stages' trainers: output folders, mixed precision, `--fresh`, resume
+    counters and the epoch/step loop of `train()`.
+
+    A subclass builds its data (`self.sampler`, `self.loader`: `seeded_train_loader`) and
+    models, defines `train_step(batch) -> stats` and fills the `_on_start` / `_after_*` hooks.
+    """
+
+    FRESH_PATTERNS: tuple[str, ...] = ()  # checkpoints in Model/ that `--fresh` deletes
+    FRESH_FOLDERS: tuple[str, ...] = ("logs",)  # folders under OUTPUT_DIR it deletes
+
+    sampler: EpochSampler
+    loader: DataLoader
+
+    def __init__(self, cfg, device: torch.device, rank: int = 0, world: int = 1,
+                 fresh: bool = False, progress: bool = True) -> None:
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.out = Path(cfg.OUTPUT_DIR)
+        self.model_dir, self.image_dir = self.out / "Model", self.out / "Image"
+        self.main = is_main_process()
+        self.progress = progress and self.main
+        self.cuda = device.type == "cuda"
+        self.amp, self.amp_dtype, self.scaler = mixed_precision(cfg, device)
+        self.batch = int(cfg.TRAIN.BATCH_SIZE)
+        self.epoch, self.in_epoch, self.step = 0, 0, 0
+        self.writer: Any = None  # TensorBoard SummaryWriter while train() runs (rank 0)
+        if fresh and self.main:
+            remove_old_run(self.model_dir, self.FRESH_PATTERNS,
+                           [self.out / f for f in self.FRESH_FOLDERS])
+        barrier()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of this process."""
+        return self.sampler.per_rank // self.batch
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.amp, self.amp_dtype)
+
+    def _restore_progress(self, path: Path, state: dict) -> None:
+        """Last part of a resume: every RNG, the epoch/step counters, a note on rank 0."""
+        set_rng_state(state["rng"])
+        self.epoch, self.in_epoch, self.step = state["epoch"], state["in_epoch"], state["step"]
+        if self.main:
+            print(f"resuming from {path} (epoch {self.epoch}, step {self.step})")
+
+    # ----------------------------------------------------------------- subclass hooks
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step on `batch`; returns its (process-averaged) losses."""
+        raise NotImplementedError
+
+    def _on_start(self) -> None:
+        """Rank 0, before the first step of a train() that has work to do."""
+
+    def _after_step(self, stats: dict[str, float], bar: tqdm) -> None:
+        """After each step (counters already advanced): logging, the progress bar."""
+
+    def _after_epoch(self, stats: dict[str, float], snapshot: bool) -> None:
+        """After a completed epoch; `snapshot`: a checkpoint is due (interval or the end)."""
+
+    def _after_stop(self, stats: dict[str, float]) -> None:
+        """TRAIN.MAX_STEPS stopped the run inside an epoch."""
+
+    def _after_training(self) -> None:
+        """Once the loop has ended and the writer is closed (on every rank)."""
+        barrier()
+
+    # ----------------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        """Run until TRAIN.MAX_EPOCH (or TRAIN.MAX_STEPS); returns a short summary."""
+        cfg = self.cfg
+        max_epoch, max_steps = int(cfg.TRAIN.MAX_EPOCH), int(cfg.TRAIN.MAX_STEPS)
+        interval = max(1, int(cfg.TRAIN.SNAPSHOT_INTERVAL))
+        done = self.epoch >= max_epoch or (max_steps > 0 and self.step >= max_steps)
+        if self.main:
+            save_config(cfg, self.out)
+            if done:
+                print(f"training already complete (epoch {self.epoch}, step {self.step}); "
+                      "use --fresh to start over")
+            else:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.out / "logs"), purge_step=self.step)
+                self._on_start()
+        last: dict[str, float] = {}
+        try:
+            while not done:
+                self.sampler.set_epoch(self.epoch, self.in_epoch)
+                bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{max_epoch}",
+                           total=len(self.loader), disable=not self.progress, leave=False)
+                for batch in bar:
+                    last = self.train_step(batch)
+                    self.step += 1
+                    self.in_epoch += 1
+                    self._after_step(last, bar)
+                    if max_steps > 0 and self.step >= max_steps:
+                        done = True
+                        break
+                if self.in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.in_epoch = self.epoch + 1, 0
+                    done = done or self.epoch >= max_epoch
+                    self._after_epoch(last, self.epoch % interval == 0 or done)
+                elif done:
+                    self._after_stop(last)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        self._after_training()
+        return {"epoch": self.epoch, "step": self.step, "losses": last}

@@ -1,4 +1,5 @@
-"""Shared helpers: atomic checkpoint I/O, device selection, seeding/RNG state, distributed setup.
+"""Shared helpers: atomic checkpoint I/O, device selection, seeding/RNG state, distributed setup,
+command-line exit codes.
 
 Pictures (image grids, attention maps, loss curves) live in `miscc/pictures.py`.
 """
@@ -8,9 +9,10 @@ from __future__ import annotations
 import io
 import os
 import random
+import sys
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+EXIT_USER_ERROR = 2  # a user-fixable input problem: config, data, checkpoint, weights
+EXIT_NON_FINITE = 3  # training stopped on a NaN/inf loss
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used (missing, truncated, another architecture)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN/inf; the run stops and the last good checkpoint stays in place."""
 
 
 # ---------------------------------------------------------------- atomic files and checkpoints
@@ -223,3 +232,26 @@ def cleanup_distributed() -> None:
     """Tear down the process group if one was started."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- command line
+def run_command(body: Callable[[], int | None],
+                user_errors: tuple[type[BaseException], ...]) -> int:
+    """Run a command-line body and return its exit code.
+
+    0 (or the body's own code) on success; one of `user_errors` (CheckpointError always
+    counts) prints `error: <message>` on stderr and gives EXIT_USER_ERROR (2); NonFiniteLoss
+    prints its message the same way and gives EXIT_NON_FINITE (3). torch.distributed is torn
+    down in every case.
+    """
+    try:
+        code = body()
+        return 0 if code is None else code
+    except (CheckpointError, *user_errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    finally:
+        cleanup_distributed()

@@ -236,3 +236,13 @@ def test_prepare_shapes_skips_a_complete_set(tmp_path, capsys):
     assert caption.read_text() == "edited\n"
     assert prepare_data.main([*args[:-1], "24"]) == 0  # other parameters: written anew
     assert caption.read_text() != "edited\n"
+
+
+def test_prepare_check_missing_data_exits_2_with_an_error_line(tmp_path, capsys):
+    import prepare_data
+
+    missing = tmp_path / "missing"
+    assert prepare_data.main(["check", "--cfg", str(ROOT / "cfg/DAMSM/shapes.yml"),
+                              "--data_dir", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err

@@ -291,7 +291,7 @@ def test_save_stats_then_fid_against_npz(weights, sets, tmp_path, capsys):
     # mismatched dims: a clear error before any pass
     code, _, err = run_cli(fid_score, ["--path", str(small_a), str(npz), "--dims", "192",
                                        "--weights", str(weights)], capsys)
-    assert code == 1 and "holds 64-d statistics but --dims 192" in err
+    assert code == 2 and "holds 64-d statistics but --dims 192" in err
 
 
 def test_larger_dims_on_a_tiny_set(weights, tmp_path, capsys):
@@ -307,7 +307,7 @@ def test_larger_dims_on_a_tiny_set(weights, tmp_path, capsys):
     assert "larger than" in err  # batch 50 > 4 images: noted, lowered
     code, _, err = run_cli(fid_score, ["--path", str(a), str(b), "--weights", str(weights)],
                            capsys)
-    assert code == 1 and "too few for FID at --dims 2048" in err and "--allow-few-images" in err
+    assert code == 2 and "too few for FID at --dims 2048" in err and "--allow-few-images" in err
 
 
 def test_native_input_size_matches_calculate_metrics(weights, tmp_path, monkeypatch, capsys):
@@ -349,31 +349,31 @@ def test_weights_download_failure_is_one_clear_message(sets, tmp_path, monkeypat
     code, out, err = run_cli(fid_score, ["--path", str(sets["A"]), str(sets["B"]), "--dims",
                                          "64", "--allow-few-images"], capsys)
     assert time.perf_counter() - start < 20
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert M.inception_filename() in err and M.inception_url() in err and "--weights" in err
     assert err.startswith("error: cannot get the Inception-v3 weights") and "Downloading" not in err
     assert err.count("error:") == 1
     code, _, err = run_cli(inception_score, ["--path", str(sets["A"]), "--splits", str(SPLITS)],
                            capsys)
-    assert code == 1 and "--weights PATH" in err
+    assert code == 2 and "--weights PATH" in err
 
 
 def test_bad_weights_files(sets, tmp_path, capsys):
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), str(sets["B"]), "--dims", "64",
                                        "--allow-few-images", "--weights",
                                        str(tmp_path / "nope.pth")], capsys)
-    assert code == 1 and "no such file" in err and M.inception_filename() in err
+    assert code == 2 and "no such file" in err and M.inception_filename() in err
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), str(sets["B"]), "--dims", "64",
                                        "--allow-few-images", "--weights",
                                        str(tmp_path / "other.pth")], capsys)
-    assert code == 1 and "does not fit" in err and "Missing key" in err
+    assert code == 2 and "does not fit" in err and "Missing key" in err
     with open(tmp_path / "evil.pth", "wb") as fh:
         pickle.dump(Path("x"), fh, protocol=2)
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), str(sets["B"]), "--dims", "64",
                                        "--allow-few-images", "--weights",
                                        str(tmp_path / "evil.pth")], capsys)
-    assert code == 1 and "weights_only=True" in err
+    assert code == 2 and "weights_only=True" in err
 
 
 def test_empty_and_missing_folders(weights, sets, tmp_path, capsys):
@@ -382,28 +382,28 @@ def test_empty_and_missing_folders(weights, sets, tmp_path, capsys):
     (empty / "notes.txt").write_text("not an image")
     w = ["--weights", str(weights), "--dims", "64"]
     code, _, err = run_cli(fid_score, ["--path", str(empty.parent), str(sets["B"]), *w], capsys)
-    assert code == 1 and "no images found" in err and "recursively" in err
+    assert code == 2 and "no images found" in err and "recursively" in err
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), str(tmp_path / "gone"), *w],
                            capsys)
-    assert code == 1 and "no such directory" in err
+    assert code == 2 and "no such directory" in err
     code, _, err = run_cli(inception_score, ["--path", str(empty.parent), *w[:2]], capsys)
-    assert code == 1 and "no images found" in err
+    assert code == 2 and "no images found" in err
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), *w], capsys)
-    assert code == 1 and "--save-stats" in err
+    assert code == 2 and "--save-stats" in err
     code, _, err = run_cli(fid_score, [*w], capsys)
-    assert code == 1 and "--path GEN REAL" in err
+    assert code == 2 and "--path GEN REAL" in err
 
 
 def test_too_few_images_for_dims_or_splits(weights, sets, capsys):
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), str(sets["B"]), "--dims", "64",
                                        "--weights", str(weights)], capsys)
-    assert code == 1 and f"{N_IMAGES} images are too few for FID at --dims 64" in err
+    assert code == 2 and f"{N_IMAGES} images are too few for FID at --dims 64" in err
     assert "at least 65 images" in err and "a smaller --dims" not in err  # none fits 12
     with pytest.raises(M.MetricsError, match=r"Use more images or a smaller --dims \(64\)"):
         M.check_enough_for_dims(100, 2048, "set", allow_few=False)
     code, _, err = run_cli(inception_score, ["--path", str(sets["A"]), "--splits", "50",
                                              "--weights", str(weights)], capsys)
-    assert code == 1 and "--splits 50 needs at least 50 images" in err
+    assert code == 2 and "--splits 50 needs at least 50 images" in err
 
 
 def test_unreadable_images_are_skipped_and_counted(weights, tmp_path, capsys):
@@ -425,7 +425,7 @@ def test_unreadable_images_are_skipped_and_counted(weights, tmp_path, capsys):
     (only_bad / "y.png").write_bytes(b"nope")
     code, _, err = run_cli(fid_score, ["--path", str(only_bad), str(real), "--dims", "64",
                                        "--weights", str(weights), "--allow-few-images"], capsys)
-    assert code == 1 and "none of the 2 images could be read" in err
+    assert code == 2 and "none of the 2 images could be read" in err
 
 
 def test_kid_needs_features_in_npz(weights, sets, feats, tmp_path, capsys):
@@ -433,7 +433,7 @@ def test_kid_needs_features_in_npz(weights, sets, feats, tmp_path, capsys):
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), str(tmp_path / "s.npz"),
                                        "--dims", "64", "--kid", "--weights", str(weights),
                                        "--allow-few-images"], capsys)
-    assert code == 1 and "KID needs per-image features" in err
+    assert code == 2 and "KID needs per-image features" in err
 
 
 # ------------------------------------------------------------ real-statistics cache, --data
@@ -502,7 +502,7 @@ def test_data_config_resolves_paths_and_caches(weights, tmp_path, capsys, monkey
     # --data NAME reads cfg/eval_clip_<NAME>.yml; a missing one says to use --cfg
     monkeypatch.setattr(M, "REPO_ROOT", tmp_path)
     code, _, err = run_cli(fid_score, ["--data", "bird", "--weights", str(weights)], capsys)
-    assert code == 1 and "eval_clip_bird.yml not found" in err and "--cfg" in err
+    assert code == 2 and "eval_clip_bird.yml not found" in err and "--cfg" in err
 
 
 def _tf32_flags() -> dict[str, object]:

@@ -269,9 +269,9 @@ def test_user_errors_are_one_clear_line(gan_cfg, data_dir, encoder_ckpt, tmp_pat
     bad.write_bytes(b"not a checkpoint")
     args = _cli_args("clip_shapes_DMGAN.yml", data_dir, encoder_ckpt, tmp_path / "x",
                      f"TRAIN.NET_E={bad}")
-    assert main_cli.main([*args, "--no-progress"]) == 1
+    assert main_cli.main([*args, "--no-progress"]) == 2
     assert "error: encoder checkpoint" in capsys.readouterr().err
-    assert main_cli.main([*args[:-2], "--set", f"TRAIN.NET_E={tmp_path / 'missing'}"]) == 1
+    assert main_cli.main([*args[:-2], "--set", f"TRAIN.NET_E={tmp_path / 'missing'}"]) == 2
     assert "TRAIN.NET_E: stage-1 encoder not found" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="set TEXT.EMBEDDING_DIM: 64"):
         trainer_mod.load_frozen_encoder(gan_cfg("TEXT.EMBEDDING_DIM=512"), CPU)
@@ -322,6 +322,8 @@ def test_evaluation_writes_one_image_per_test_caption(gan_cfg, trained, tmp_path
     assert again["images"] == 120 and again["path"] == str(single)
     assert again["r_precision"] == pytest.approx(metrics["r_precision"])
     assert again["clip_score"] == pytest.approx(metrics["clip_score"], abs=1e-4)
+    assert r_precision_cli.main([*args, "--path", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("error: generated image folder not found")
     # with images missing it scores the rest and says so
     for p in sorted(single.rglob("*_s9.png")):
         p.unlink()
@@ -361,7 +363,7 @@ def test_generator_of_another_architecture_is_refused(gan_cfg, trained, data_dir
     args = _cli_args("eval_clip_shapes.yml", data_dir, encoder_ckpt, tmp_path / "x",
                      f"TRAIN.NET_G={trained / 'Model' / 'netG_epoch_1.pth'}",
                      "TREE.BRANCH_NUM=3")
-    assert main_cli.main(args) == 1
+    assert main_cli.main(args) == 2
     err = capsys.readouterr().err
     assert "does not match this architecture" in err and "missing keys: " in err
     assert "stages.1." in err and "BRANCH_NUM: checkpoint 2 vs config 3" in err
