@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(PY) main.py --cfg cfg/clip_shapes_DMGAN.yml
 	$(PY) main.py --cfg cfg/eval_clip_shapes.yml
 	mkdir -p $(DEMO_OUT)
-	if $(PY) fid_score.py --data shapes --dims 2048 --json $(WEIGHTS_ARG) > $(DEMO_OUT)/fid.tmp; \
+	if $(PY) fid_score.py --data shapes --dims 2048 --allow-few-images --json $(WEIGHTS_ARG) > $(DEMO_OUT)/fid.tmp; \
 	then mv $(DEMO_OUT)/fid.tmp $(DEMO_OUT)/fid.json && \
 	     $(PY) inception_score.py --data shapes --splits 10 --json $(WEIGHTS_ARG) \
 	         > $(DEMO_OUT)/is.tmp && mv $(DEMO_OUT)/is.tmp $(DEMO_OUT)/is.json; \

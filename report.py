@@ -43,8 +43,9 @@ def read_scalars(log_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def plot_curves(series: dict[str, tuple[list[int], list[float]]], title: str,
-                path: Path) -> Path | None:
-    """One panel per tag prefix (`loss/`, `val/`, ...) with a line per series; None if empty."""
+                path: Path, columns: int = 4) -> Path | None:
+    """One small panel per scalar series (losses of very different sizes stay readable);
+    None if there is nothing to draw."""
     if not series:
         return None
     import matplotlib
@@ -52,19 +53,19 @@ def plot_curves(series: dict[str, tuple[list[int], list[float]]], title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[str, list[str]] = {}
-    for tag in sorted(series):
-        groups.setdefault(tag.split("/")[0] if "/" in tag else "scalars", []).append(tag)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (group, tags) in zip(axes[0], groups.items(), strict=True):
-        for tag in tags:
-            steps, values = series[tag]
-            ax.plot(steps, values, label=tag.split("/", 1)[-1], linewidth=1.2)
-        ax.set_title(group)
-        ax.set_xlabel("step")
+    tags = sorted(series)
+    cols = min(columns, len(tags))
+    rows = (len(tags) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat[len(tags):]:
+        ax.set_visible(False)
+    for ax, tag in zip(axes.flat, tags, strict=False):
+        steps, values = series[tag]
+        ax.plot(steps, values, linewidth=1.0)
+        ax.set_title(tag, fontsize=9)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(f"{title} (x: step)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
