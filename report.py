@@ -123,6 +123,8 @@ def build_report(stage1_dir: Path, stage2_dir: Path, out: Path, metrics_file: Pa
     lines += ["## Metrics", ""]
     metrics = _read_json(metrics_file or stage2_dir / "metrics.json")
     fid, isc = _read_json(fid_file), _read_json(is_file)
+    if isc is None and fid is not None and "is_mean" in fid:  # fid_score.py --isc: one pass
+        isc = fid
     lines += metrics_rows(metrics, fid, isc)
     if fid is None or isc is None:
         lines += ["", FID_HINT]

@@ -66,3 +66,14 @@ def test_missing_outputs_are_said_not_crashed(tmp_path, capsys):
                                is_file=tmp_path / "is.json").read_text()
     assert "| FID | 12.346 |" in text
     assert report.FID_HINT not in text
+
+
+def test_is_from_a_one_pass_fid_file(tmp_path):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "fid.json").write_text(json.dumps({"fid": 3.0, "is_mean": 1.5, "is_std": 0.5}))
+    text = report.build_report(tmp_path / "s1", tmp_path / "s2", tmp_path / "out",
+                               fid_file=tmp_path / "fid.json").read_text()
+    assert "| FID | 3.000 |" in text
+    assert "| Inception Score | 1.50 ± 0.50 |" in text
+    assert report.FID_HINT not in text
