@@ -326,6 +326,7 @@ class TextImageDataset(Dataset):
         self.split, self.sizes, self.views, self.train = split, sorted(sizes), views, train
         self.crop = max(sizes)
         self.load_size = load_size_for(sizes) if train else self.crop
+        self.flip = train and bool(cfg.TRAIN.FLIP)
         self.keys, self.class_ids = self.info.keys, torch.tensor(self.info.class_ids)
         per_image = int(cfg.TEXT.CAPTIONS_PER_IMAGE)
         self.num_captions = torch.tensor([len(c) for c in self.info.captions])
@@ -382,7 +383,8 @@ class TextImageDataset(Dataset):
         else:
             top, left = (h - self.crop) // 2, (w - self.crop) // 2
         crop = pixels[:, top: top + self.crop, left: left + self.crop].float()
-        if self.train and bool(torch.rand(()) < 0.5):
+        # the coin is tossed even with flips off, so both settings see the same crops
+        if self.train and bool(torch.rand(()) < 0.5) and self.flip:
             crop = crop.flip(-1)
         out = []
         for size in self.sizes:

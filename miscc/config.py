@@ -62,6 +62,8 @@ def default_config() -> EasyDict:
                 "PIN_MEMORY": True,
                 "PERSISTENT_WORKERS": True,
                 "USE_CACHE": True,  # read the prepare_data.py image cache when it exists
+                "FLIP": True,  # random horizontal flips in training (off when captions name
+                # left/right, as in the shapes set)
                 "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
                 # cache file instead of re-encoding the captions every step
                 "SMOOTH": {

@@ -246,3 +246,21 @@ def test_prepare_check_missing_data_exits_2_with_an_error_line(tmp_path, capsys)
                               "--data_dir", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
+
+
+def test_flip_switch(shapes_cfg, tokenizer):
+    sizes = [32]
+    flipping = TextImageDataset(shapes_cfg("TRAIN.FLIP=True"), "train", tokenizer, sizes)
+    plain = TextImageDataset(shapes_cfg("TRAIN.FLIP=False"), "train", tokenizer, sizes)
+    side = flipping.load_size
+    pixels = torch.randint(0, 256, (3, side, side), dtype=torch.uint8)  # nothing symmetric
+    mirrored = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        a = flipping._view(pixels)[0]
+        torch.manual_seed(seed)
+        b = plain._view(pixels)[0]  # same crop (the coin is tossed either way), never mirrored
+        if not torch.equal(a, b):
+            assert torch.equal(a, b.flip(-1))
+            mirrored += 1
+    assert 0 < mirrored < 12
