@@ -128,17 +128,21 @@ def load_latest_valid(candidates: Iterable[Path], what: str) -> tuple[Path, dict
 
 
 # ----------------------------------------------------------------------------- device, seeds
+def _exit_user_error(message: str) -> None:
+    """One `error:` line on stderr and the input-error exit code, like every other user error."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
 def select_device(gpu: int) -> torch.device:
     """`gpu` -1 = CPU; otherwise that CUDA device, with a clear error when CUDA is missing."""
     if gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise SystemExit(
-            f"--gpu {gpu} was requested but CUDA is not available on this machine; "
-            "use --gpu -1 to run on the CPU"
-        )
+        _exit_user_error(f"--gpu {gpu} was requested but CUDA is not available on this machine; "
+                         "use --gpu -1 to run on the CPU")
     if gpu >= torch.cuda.device_count():
-        raise SystemExit(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) found")
+        _exit_user_error(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) found")
     torch.cuda.set_device(gpu)
     return torch.device("cuda", gpu)
 

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from miscc.config import ConfigError, build_parser, config_from_args, load_config
@@ -144,3 +145,14 @@ def test_print_config_for_legacy_file_through_the_cli(tmp_path):
     assert merged["TRAIN"]["NET_E"] == "output/clip5.pth"
     assert merged["CLIP"]["MODEL"] == "openai/clip-vit-base-patch32"
     assert "BASE_LR" not in merged["TRAIN"]
+
+
+def test_gpu_without_cuda_is_a_user_error(monkeypatch, capsys):
+    from miscc.utils import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        select_device(0)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --gpu 0 was requested but CUDA is not")
+    assert select_device(-1) == torch.device("cpu")
