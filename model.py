@@ -14,6 +14,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.pretrained import get_pretrained_cfg
 from open_clip.transformer import VisionTransformer
 from torch import nn
@@ -96,6 +97,17 @@ def _create_clip(spec: dict, load_weights: bool) -> nn.Module:
         ) from err
 
 
+def _resnet_regions(visual: ModifiedResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regions and code of a CLIP ResNet: the last feature map's cells, each taken through the
+    attention pool's value and output projections (the pool's output is a softmax-weighted mix
+    of exactly these), so regions live in the joint space like a ViT's projected patches."""
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(x)))))
+    pool = visual.attnpool
+    code = pool(x)
+    cells = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(x.dtype)
+    return pool.c_proj(pool.v_proj(cells)), code
+
+
 class ClipEncoder(nn.Module):
     """CLIP text and image towers returning per-word and per-region features in the joint space.
 
@@ -107,15 +119,16 @@ class ClipEncoder(nn.Module):
         super().__init__()
         self.spec = dict(spec)
         self.clip = _create_clip(self.spec, load_weights)
-        if not isinstance(self.clip.visual, VisionTransformer):
+        if not isinstance(self.clip.visual, (VisionTransformer, ModifiedResNet)):
             raise EncoderLoadError(
-                f"CLIP model {spec['model']!r} has no ViT image tower; region features need a "
-                "ViT (e.g. ViT-B/32)"
+                f"CLIP model {spec['model']!r} has a {type(self.clip.visual).__name__} image "
+                "tower; region features need a ViT (e.g. ViT-B/32) or a CLIP ResNet (e.g. RN50)"
             )
         if not hasattr(self.clip, "token_embedding"):
             raise EncoderLoadError(f"CLIP model {spec['model']!r} has a custom text tower; "
                                    "only the standard CLIP text transformer is supported")
-        self.clip.visual.output_tokens = True
+        if isinstance(self.clip.visual, VisionTransformer):
+            self.clip.visual.output_tokens = True
         self.embed_dim = int(self.clip.visual.output_dim)
         size = self.clip.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -204,8 +217,11 @@ class ClipEncoder(nn.Module):
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] in [-1, 1] -> regions [B, R, D], code [B, D]."""
         visual = self.clip.visual
-        code, tokens = visual(self.prepare_images(images))
-        regions = tokens @ visual.proj if visual.proj is not None else tokens
+        if isinstance(visual, ModifiedResNet):
+            regions, code = _resnet_regions(visual, self.prepare_images(images))
+        else:
+            code, tokens = visual(self.prepare_images(images))
+            regions = tokens @ visual.proj if visual.proj is not None else tokens
         if self.adapter is not None:
             regions = self.adapter(regions)
         return regions, code

@@ -100,3 +100,45 @@ def test_unknown_name_and_failed_download_explain_themselves(monkeypatch):
     msg = str(err.value)
     assert "'ViT-B-32'" in msg and "pretrained='openai'" in msg
     assert "--set CLIP.PRETRAINED=" in msg and "vit_base_patch32_clip_224.openai" in msg
+
+
+def _resnet_arch(heads_one: bool = False) -> dict:
+    spec = resolve_clip_name("tiny_rn", "")
+    if heads_one:  # one attention head: the pool's mixing weights are easy to recompute
+        spec["arch"]["vision_cfg"]["head_width"] = spec["arch"]["vision_cfg"]["width"] * 32
+        spec["model"] = "tiny_rn_one_head"
+    return spec
+
+
+def test_resnet_tower_regions_are_the_cells_the_pool_mixes():
+    torch.manual_seed(0)
+    encoder = ClipEncoder(_resnet_arch(heads_one=True), adapter=False).eval()
+    images = torch.rand(2, 3, 40, 40) * 2 - 1
+    regions, code = encoder.encode_image(images)
+    assert regions.shape == (2, 4, 64) and code.shape == (2, 64)  # (64/32)^2 cells
+    # recompute the attention pool by hand: code = softmax(q·k) mix of per-token values
+    visual = encoder.clip.visual
+    x = encoder.prepare_images(images)
+    for layer in (visual.stem, visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+        x = layer(x)
+    pool = visual.attnpool
+    cells = x.flatten(2).transpose(1, 2)
+    tokens = torch.cat([cells.mean(1, keepdim=True), cells], 1) + pool.positional_embedding
+    q = pool.q_proj(tokens[:, :1]) / pool.q_proj.out_features**0.5  # one head: full width
+    weights = torch.softmax(q @ pool.k_proj(tokens).transpose(1, 2), -1)  # [B, 1, 5]
+    values = pool.c_proj(pool.v_proj(tokens))                              # [B, 5, D]
+    assert torch.allclose(values[:, 1:], regions, atol=1e-5)
+    assert torch.allclose((weights @ values)[:, 0], code, atol=1e-5)
+
+
+def test_resnet_encoder_gradient_and_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    encoder = ClipEncoder(_resnet_arch(), adapter=True).eval()
+    images = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    regions, _ = encoder.encode_image(images)
+    regions.square().sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    path = tmp_path / "clip1.pth"
+    atomic_torch_save(encoder.checkpoint_state(), path)
+    again = ClipEncoder.from_checkpoint(path).eval()
+    assert torch.equal(encoder.encode_image(images)[1], again.encode_image(images)[1])
