@@ -446,9 +446,11 @@ def check_batch_size(dataset: Dataset, batch_size: int, what: str) -> None:
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220),
            "yellow": (240, 210, 20), "purple": (140, 40, 170), "orange": (250, 130, 20)}
-SIZES = {"small": 0.13, "medium": 0.2, "large": 0.28}  # radius as a fraction of the side
-POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
-             "bottom right": (0.7, 0.7), "center": (0.5, 0.5)}
+# radius as a fraction of the side: even a small star keeps its points at the demo's 32 px
+SIZES = {"small": 0.19, "medium": 0.25, "large": 0.31}
+POSITIONS = {"top left": (0.33, 0.33), "top right": (0.67, 0.33), "bottom left": (0.33, 0.67),
+             "bottom right": (0.67, 0.67), "center": (0.5, 0.5)}
+SHAPES_VERSION = 2  # bump when the pictures change: prepare_data.py then rewrites old sets
 BACKGROUNDS = {"white": ((255, 255, 255),), "black": ((20, 20, 20),),
                "gray": ((150, 150, 150),), "white and gray": ((255, 255, 255), (150, 150, 150)),
                "light blue and white": ((170, 200, 240), (255, 255, 255))}

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
 from datasets import (
+    SHAPES_VERSION,
     DataError,
     build_image_cache,
     image_sizes,
@@ -31,12 +33,17 @@ SHAPES_MARKER = "shapes.json"  # the generator's parameters, written once the se
 def cmd_shapes(args: argparse.Namespace) -> None:
     """Write the synthetic shapes set, unless the same set is already complete at --out."""
     params = {"n_train": args.n_train, "n_test": args.n_test, "size": args.size,
-              "seed": args.seed}
+              "seed": args.seed, "version": SHAPES_VERSION}
     marker = Path(args.out) / SHAPES_MARKER
     if not args.force and marker.is_file() and json.loads(marker.read_text()) == params:
         print(f"shapes set already complete at {args.out} ({marker.name} matches); "
               "--force rewrites it")
         return
+    marker.unlink(missing_ok=True)  # an interrupted rewrite must not look complete
+    stale = Path(args.out) / "cache"  # image/text caches of the previous pictures
+    if stale.is_dir():
+        shutil.rmtree(stale)
+        print(f"removed the caches of the previous set: {stale}")
     summary = make_shapes_dataset(args.out, args.n_train, args.n_test, args.size, args.seed)
     atomic_write_bytes(marker, json.dumps(params).encode())  # written last: the set is whole
     print(f"wrote shapes set to {args.out}: {summary['train']} train / {summary['test']} test "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -236,6 +237,22 @@ def test_prepare_shapes_skips_a_complete_set(tmp_path, capsys):
     assert caption.read_text() == "edited\n"
     assert prepare_data.main([*args[:-1], "24"]) == 0  # other parameters: written anew
     assert caption.read_text() != "edited\n"
+
+
+def test_prepare_shapes_rewrites_an_older_generators_set(tmp_path, monkeypatch, capsys):
+    import prepare_data
+
+    out = tmp_path / "shapes"
+    args = ["shapes", "--out", str(out), "--n-train", "4", "--n-test", "2", "--size", "16"]
+    assert prepare_data.main(args) == 0
+    (out / "cache").mkdir()
+    (out / "cache" / "train_16px.npy").write_bytes(b"old pixels")
+    monkeypatch.setattr(prepare_data, "SHAPES_VERSION", prepare_data.SHAPES_VERSION + 1)
+    assert prepare_data.main(args) == 0
+    assert "removed the caches of the previous set" in capsys.readouterr().out
+    assert not (out / "cache").exists()
+    marker = json.loads((out / prepare_data.SHAPES_MARKER).read_text())
+    assert marker["version"] == prepare_data.SHAPES_VERSION
 
 
 def test_prepare_check_missing_data_exits_2_with_an_error_line(tmp_path, capsys):

@@ -46,7 +46,7 @@ def run(script: str, *args: str | Path | int, sets: tuple[str, ...] | list[str] 
 def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
     import torch
 
-    from datasets import safe_load_pickle
+    from datasets import SHAPES_VERSION, safe_load_pickle
     from model import ClipEncoder
 
     data, s1, s2, demo = (tmp_path / n for n in ("shapes", "s1", "s2", "demo"))
@@ -55,7 +55,8 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
     run("prepare_data.py", "shapes", "--out", data, "--n-train", N_TRAIN, "--n-test", N_TEST,
         "--size", SIZE)
     assert json.loads((data / "shapes.json").read_text()) == \
-        {"n_train": N_TRAIN, "n_test": N_TEST, "size": SIZE, "seed": 0}
+        {"n_train": N_TRAIN, "n_test": N_TEST, "size": SIZE, "seed": 0,
+         "version": SHAPES_VERSION}
     keys = [str(k) for k in safe_load_pickle(data / "test" / "filenames.pickle")]
     assert len(keys) == N_TEST
     captions = {key: min(CAPTIONS_PER_IMAGE, sum(
@@ -64,7 +65,7 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
     expected_pngs = {f"{key}_s{k}.png" for key, n in captions.items() for k in range(n)}
     assert len(expected_pngs) == sum(captions.values()) > N_TEST
 
-    # 2. stage 1: one epoch of 3 steps on 32 px crops (the tiny CLIP's input size)
+    # 2. stage 1: one epoch of 3 steps on 32 px crops (stage 2's largest scale)
     out = run("pretrain_DAMSM.py", "--cfg", "cfg/DAMSM/shapes.yml", "--data_dir", data,
               "--no-progress",
               sets=[f"OUTPUT_DIR={s1}", "GPU_ID=-1", "WORKERS=0", "TREE.BASE_SIZE=32",
