@@ -22,7 +22,7 @@ from model import ClipEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-# 24 train images / batch 4 = 6 steps per epoch; 32 px crops = the tiny CLIP's input size
+# 24 train images / batch 4 = 6 steps per epoch; 32 px crops, as the shapes demo
 TINY = ["GPU_ID=-1", "WORKERS=0", "CPU_THREADS=1", "TREE.BASE_SIZE=32", "TEXT.WORDS_NUM=16",
         "TRAIN.BATCH_SIZE=4", "TRAIN.MAX_EPOCH=2", "TRAIN.SNAPSHOT_INTERVAL=1"]
 
