@@ -205,7 +205,7 @@ def encode_images(encoder, images: DataLoader, device: torch.device,
 def score_tree(cfg, path: str | Path, device: torch.device, progress: bool = True) -> dict:
     """Score `<path>/<key>_s<k>.png` for every test caption found there."""
     from datasets import CaptionTokenizer, TextImageDataset, image_sizes
-    from trainer import load_frozen_encoder, text_feature_cache
+    from text_features import load_frozen_encoder, text_feature_cache
 
     root = Path(path)
     if not root.is_dir():

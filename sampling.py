@@ -24,7 +24,7 @@ from miscc.training import resolve_checkpoint
 from miscc.utils import atomic_write_bytes, barrier, is_main_process
 from model import ClipEncoder, Generator, gan_arch, load_generator
 from r_precision import report_lines, score_generated
-from trainer import load_frozen_encoder, text_feature_cache
+from text_features import load_frozen_encoder, text_feature_cache
 
 
 def generator_for_eval(cfg, encoder: ClipEncoder, device: torch.device) -> Generator:

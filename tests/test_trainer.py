@@ -27,7 +27,8 @@ from miscc.utils import atomic_torch_save, load_checkpoint
 from model import ClipEncoder, resolve_clip_name
 from r_precision import fold_stats, rank_first, rank_first_loop, sample_negatives, score_tree
 from sampling import caption_items, generate_custom, generate_test_set
-from trainer import GANTrainer, TextFeatures, text_feature_cache
+from text_features import TextFeatures, load_frozen_encoder, text_feature_cache
+from trainer import GANTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -132,7 +133,7 @@ def test_without_discriminators_the_generator_learns_from_damsm_alone(gan_cfg) -
 
 def test_text_cache_holds_the_frozen_text_tower(gan_cfg, data_dir) -> None:
     cfg = gan_cfg()
-    encoder = trainer_mod.load_frozen_encoder(cfg, CPU)
+    encoder = load_frozen_encoder(cfg, CPU)
     trainer = GANTrainer(cfg, CPU, progress=False)
     text = trainer.text
     assert isinstance(text, TextFeatures)
@@ -274,7 +275,7 @@ def test_user_errors_are_one_clear_line(gan_cfg, data_dir, encoder_ckpt, tmp_pat
     assert main_cli.main([*args[:-2], "--set", f"TRAIN.NET_E={tmp_path / 'missing'}"]) == 2
     assert "TRAIN.NET_E: stage-1 encoder not found" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="set TEXT.EMBEDDING_DIM: 64"):
-        trainer_mod.load_frozen_encoder(gan_cfg("TEXT.EMBEDDING_DIM=512"), CPU)
+        load_frozen_encoder(gan_cfg("TEXT.EMBEDDING_DIM=512"), CPU)
 
 
 # ----------------------------------------------------------------------------- evaluation

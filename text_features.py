@@ -1,0 +1,128 @@
+"""The frozen stage-1 encoder as stage 2 and evaluation use it: loading it from TRAIN.NET_E, and
+the cache of every caption's word/sentence features (computed once, memory-mapped, keyed by a
+hash of the encoder weights and the tokens), so no step re-runs the frozen text tower."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from miscc.config import ConfigError
+from miscc.training import resolve_checkpoint
+from miscc.utils import atomic_write_bytes, barrier, is_main_process
+from model import ClipEncoder
+
+
+# ------------------------------------------------------------------------------- encoder
+def load_frozen_encoder(cfg, device: torch.device) -> ClipEncoder:
+    """The stage-1 encoder of TRAIN.NET_E (file or Model/ directory), frozen, in eval mode."""
+    if cfg.TRAIN.NET_E:
+        path = resolve_checkpoint(cfg.TRAIN.NET_E, "clip*.pth", "stage-1 encoder", "TRAIN.NET_E")
+        encoder = ClipEncoder.from_checkpoint(path)
+    else:
+        warnings.warn("TRAIN.NET_E is empty: using the CLIP weights of the CLIP section without "
+                      "stage-1 DAMSM fine-tuning", stacklevel=2)
+        encoder = ClipEncoder.from_config(cfg)
+    if encoder.embed_dim != int(cfg.TEXT.EMBEDDING_DIM):
+        raise ConfigError(f"TEXT.EMBEDDING_DIM is {cfg.TEXT.EMBEDDING_DIM} but the encoder "
+                          f"gives {encoder.embed_dim}-d features; set TEXT.EMBEDDING_DIM: "
+                          f"{encoder.embed_dim}")
+    encoder.requires_grad_(False)
+    return encoder.eval().to(device)
+
+
+# --------------------------------------------------------------------------- text features
+class TextFeatures:
+    """Word [N, C, L, D] (fp16, memory-mapped), sentence [N, C, D] and mask [N, C, L] features
+    of every caption of a split, indexed by (image index, caption index)."""
+
+    def __init__(self, words: np.ndarray, sent: np.ndarray, mask: np.ndarray) -> None:
+        self.words, self.sent, self.mask = words, torch.from_numpy(sent), torch.from_numpy(mask)
+
+    def lookup(self, index: torch.Tensor, cap: torch.Tensor) -> tuple:
+        """(words [B, L, D] float32, sent [B, D], mask [B, L] bool) for the given captions."""
+        i, k = index.cpu().numpy(), cap.cpu().numpy()
+        words = torch.from_numpy(np.ascontiguousarray(self.words[i, k])).float()
+        return words, self.sent[index, cap].float(), self.mask[index, cap]
+
+
+def encoder_digest(encoder: nn.Module) -> str:
+    """A hash of every encoder weight: the cache key part that names the encoder."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_root(cfg) -> Path:
+    """<DATA_DIR>/cache when writable, else <OUTPUT_DIR>/cache."""
+    root = Path(cfg.DATA_DIR) / "cache"
+    with contextlib.suppress(OSError):
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    return Path(cfg.OUTPUT_DIR) / "cache"
+
+
+@torch.no_grad()
+def encode_all_captions(encoder: ClipEncoder, tokens: torch.Tensor, device: torch.device,
+                        batch: int = 256, progress: bool = True) -> tuple:
+    """Run the text tower over tokens [N, C, L] -> (words fp16 [N, C, L', D] numpy, sent
+    float32 [N, C, D], mask bool [N, C, L']); L' = the longest caption (+SOT/EOT) in the split."""
+    n, c, _ = tokens.shape
+    flat = tokens.reshape(n * c, -1)
+    length = int(flat.argmax(dim=1).max()) + 1
+    flat = flat[:, :length]
+    words = np.zeros((n * c, length, encoder.embed_dim), dtype=np.float16)
+    sent = np.zeros((n * c, encoder.embed_dim), dtype=np.float32)
+    mask = np.zeros((n * c, length), dtype=bool)
+    for start in tqdm(range(0, n * c, batch), desc="text features", disable=not progress,
+                      leave=False):
+        w, s, m = encoder.encode_text(flat[start: start + batch].to(device))
+        words[start: start + len(w)] = w.float().cpu().numpy()
+        sent[start: start + len(w)] = s.float().cpu().numpy()
+        mask[start: start + len(w)] = m.cpu().numpy()
+    shape = (n, c)
+    return words.reshape(*shape, length, -1), sent.reshape(*shape, -1), mask.reshape(*shape, -1)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def text_feature_cache(cfg, split: str, tokens: torch.Tensor, encoder: ClipEncoder,
+                       device: torch.device, progress: bool = True) -> TextFeatures:
+    """Open (or build once, on rank 0) the feature cache of a split's captions.
+
+    Key: hash of the encoder weights + the token ids (so WORDS_NUM, captions and image list are
+    covered). Files are replaced atomically and meta.json is written last, so an interrupted
+    build is simply rebuilt.
+    """
+    key = hashlib.sha256((encoder_digest(encoder) + split).encode()
+                         + tokens.numpy().tobytes()).hexdigest()[:16]
+    folder = _cache_root(cfg) / f"text_{split}_{key}"
+    meta = folder / "meta.json"
+    if is_main_process() and not meta.is_file():
+        words, sent, mask = encode_all_captions(encoder, tokens, device, progress=progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        _save_npy(folder / "words.npy", words)
+        _save_npy(folder / "sent.npy", sent)
+        _save_npy(folder / "mask.npy", mask)
+        atomic_write_bytes(meta, json.dumps({"split": split, "shape": list(words.shape),
+                                             "words_num": int(cfg.TEXT.WORDS_NUM)}).encode())
+    barrier()
+    return TextFeatures(np.load(folder / "words.npy", mmap_mode="r"),
+                        np.load(folder / "sent.npy"), np.load(folder / "mask.npy"))
