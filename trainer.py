@@ -30,6 +30,7 @@ from miscc.losses import (
 from miscc.training import (
     EpochTrainer,
     finite_stats,
+    fused_options,
     load_resume_state,
     resolve_checkpoint,
     save_resume_state,
@@ -91,9 +92,11 @@ class GANTrainer(EpochTrainer):
                                                     "generator checkpoint", "TRAIN.NET_G"))
         self.ema = copy.deepcopy(netG).eval().requires_grad_(False)
         betas = (0.5, 0.999)
-        self.optG = torch.optim.Adam(netG.parameters(), lr=cfg.TRAIN.GENERATOR_LR, betas=betas)
+        fused = fused_options(device)
+        self.optG = torch.optim.Adam(netG.parameters(), lr=cfg.TRAIN.GENERATOR_LR, betas=betas,
+                                     **fused)
         self.optDs = [torch.optim.Adam(d.parameters(), lr=cfg.TRAIN.DISCRIMINATOR_LR,
-                                       betas=betas) for d in netDs]
+                                       betas=betas, **fused) for d in netDs]
         if world > 1:
             ids = [device.index] if self.cuda else None
             # without discriminators only the largest image head is trained

@@ -27,6 +27,7 @@ from miscc.losses import nt_xent, sent_loss, words_loss
 from miscc.training import (
     EpochTrainer,
     finite_stats,
+    fused_options,
     load_resume_state,
     loader_options,
     resolve_checkpoint,
@@ -108,7 +109,8 @@ class DAMSMTrainer(EpochTrainer):
         ]
         groups = [g for g in groups if g["params"]]
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=float(cfg.TRAIN.WEIGHT_DECAY))
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=float(cfg.TRAIN.WEIGHT_DECAY),
+                                           **fused_options(device))
         self.scheduler = self._one_cycle()
         self.model = self.encoder
         if world > 1:

@@ -145,6 +145,13 @@ def mixed_precision(cfg, device: torch.device) -> tuple[bool, torch.dtype, torch
     return amp, dtype, scaler
 
 
+def fused_options(device: torch.device) -> dict[str, bool]:
+    """Keyword arguments for torch's Adam/AdamW: the fused kernel on CPU and CUDA (one pass
+    over all tensors per step instead of a chain of per-tensor ops; stage 1 updates CLIP's
+    whole token-embedding table every step, which the unfused AdamW took 6x longer to do)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
 def autocast(amp: bool, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """CUDA autocast to `dtype` when `amp`, else a no-op context."""
     return torch.autocast("cuda", dtype=dtype) if amp else contextlib.nullcontext()

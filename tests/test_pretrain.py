@@ -101,6 +101,34 @@ def test_steps_reduce_the_loss_of_a_fixed_batch(tiny_cfg, tmp_path) -> None:
     assert before > 12 and after < 0.5 * before, (before, after)
 
 
+def test_optimizer_is_fused_and_steps_like_plain_adamw(tiny_cfg, tmp_path) -> None:
+    """The trainer's AdamW runs the fused kernel and moves every parameter as torch's
+    reference (single-tensor) AdamW does with the same groups, learning rates and gradients."""
+    trainer = DAMSMTrainer(tiny_cfg(tmp_path), CPU, progress=False)
+    opt = trainer.optimizer
+    assert opt.defaults["fused"] is True
+    torch.manual_seed(1)
+    copies = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn_like(p)
+        copies.append([p.detach().clone().requires_grad_() for p in group["params"]])
+    reference = torch.optim.AdamW(
+        [{"params": c, "lr": g["lr"]} for c, g in zip(copies, opt.param_groups, strict=True)],
+        weight_decay=opt.defaults["weight_decay"], foreach=False)
+    for c, group in zip(copies, opt.param_groups, strict=True):
+        for copy_, p in zip(c, group["params"], strict=True):
+            copy_.grad = p.grad.clone()
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    opt.step()
+    reference.step()
+    after = [p for g in opt.param_groups for p in g["params"]]
+    expected = [c for cs in copies for c in cs]
+    assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    for a, e in zip(after, expected, strict=True):
+        torch.testing.assert_close(a.detach(), e.detach(), rtol=1e-5, atol=1e-7)
+
+
 def test_training_loop_summary(trained) -> None:
     summary = trained["summary"]
     assert summary["step"] == 12 and summary["epoch"] == 2

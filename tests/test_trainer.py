@@ -91,6 +91,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_training_steps_write_everything(gan_cfg, tmp_path) -> None:
     cfg = gan_cfg("TRAIN.MAX_STEPS=8")
     trainer = GANTrainer(cfg, CPU, progress=False)
+    assert all(o.defaults["fused"] for o in [trainer.optG, *trainer.optDs])
     before = {k: v.clone() for k, v in trainer.netG.state_dict().items()}
     d_before = [p.clone() for p in trainer.netDs[1].parameters()]
     summary = trainer.train()
