@@ -23,12 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 import torch.nn.functional as F
+from easydict import EasyDict
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from datasets import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEMPLATES, draw_shape_image
-from miscc.utils import atomic_torch_save, load_checkpoint
+from datasets import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TEMPLATES,
+    DataError,
+    draw_shape_image,
+    read_split,
+)
+from miscc.utils import CheckpointError, atomic_torch_save, load_checkpoint
 
 ATTRIBUTES: dict[str, list[str]] = {"shape": list(SHAPES), "colour": list(COLOURS),
                                     "size": list(SIZES), "pos": list(POSITIONS),
@@ -138,42 +149,48 @@ def score(pred: torch.Tensor, truth: torch.Tensor, caption_index: list[int]) -> 
     return out
 
 
-def load_generated(path: Path, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def read_test_split(data_dir: Path) -> tuple[dict[str, list[int]], list[Path]]:
+    """Attribute truth by test key (from each picture's first caption) and the real pictures,
+    read and validated by the dataset code."""
+    cfg = EasyDict(DATA_DIR=str(data_dir), DATASET_NAME="shapes",
+                   TEXT=EasyDict(CAPTIONS_PER_IMAGE=1))
+    info = read_split(cfg, "test")
+    try:
+        truth = {k: caption_truth(c[0]) for k, c in zip(info.keys, info.captions, strict=True)}
+    except ValueError as err:
+        raise SystemExit(f"{data_dir}: {err}; --data must be a shapes set") from err
+    return truth, info.image_paths
+
+
+def load_generated(path: Path, truth: dict[str, list[int]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Generated test images, the attribute truth of their pictures, and their caption index."""
-    files = sorted((path / "valid" / "single").glob("*/*_s*.png"))
+    root = path / "valid" / "single"
+    files = sorted(root.glob("*/*_s*.png"))
     if not files:
-        raise SystemExit(f"{path}/valid/single has no <key>_s<k>.png images: run main.py --cfg "
+        raise SystemExit(f"{root} has no <key>_s<k>.png images: run main.py --cfg "
                          "cfg/eval_clip_shapes.yml (with OUTPUT_DIR pointing there) first")
-    images, truth, index = [], [], []
-    for f in files:
-        key, k = f.relative_to(path / "valid" / "single").as_posix().rsplit("_s", 1)
-        text = data_dir / "text" / f"{key}.txt"
-        if not text.is_file():
-            raise SystemExit(f"{text} not found: --data must be the shapes set the images were "
-                             "generated from")
-        images.append(to_tensor(Image.open(f)))
-        truth.append(caption_truth(text.read_text().splitlines()[0]))
-        index.append(int(k[: -len(".png")]))
-    return torch.stack(images), torch.tensor(truth), index
-
-
-def load_real(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The real test pictures of the shapes set and their attribute truth."""
-    from datasets import safe_load_pickle
-
-    keys = safe_load_pickle(data_dir / "test" / "filenames.pickle")
-    images = [to_tensor(Image.open(data_dir / "CUB_200_2011" / "images" / f"{k}.jpg"))
-              for k in keys]
-    truth = [caption_truth((data_dir / "text" / f"{k}.txt").read_text().splitlines()[0])
-             for k in keys]
-    return torch.stack(images), torch.tensor(truth)
+    keys, index = zip(*(f.relative_to(root).with_suffix("").as_posix().rsplit("_s", 1)
+                        for f in files), strict=True)
+    unknown = sorted(set(keys) - truth.keys())
+    if unknown:
+        raise SystemExit(f"{root}: {len(unknown)} images of keys not in the test split (e.g. "
+                         f"{unknown[0]}): --data must be the shapes set they were generated from")
+    return (torch.stack([to_tensor(Image.open(f)) for f in files]),
+            torch.tensor([truth[k] for k in keys]), [int(k) for k in index])
 
 
 def get_judge(path: Path, images: int, steps: int) -> Judge:
     """Load the judge from `path`, or train it there first."""
     judge = Judge()
     if path.is_file():
-        judge.load_state_dict(load_checkpoint(path, "judge")["state_dict"])
+        try:
+            judge.load_state_dict(load_checkpoint(path, "judge")["state_dict"])
+        except CheckpointError as err:
+            raise SystemExit(f"{err}; delete it to train a new judge") from err
+        except (KeyError, RuntimeError) as err:  # another file, or another architecture
+            raise SystemExit(f"judge {path} does not hold this judge's weights ({err}); delete "
+                             "it to train a new one") from err
         return judge.eval()
     judge, acc = train_judge(images, steps)
     print(f"judge on {min(images, 1000)} new drawn pictures: "
@@ -194,9 +211,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data_dir = Path(args.data)
-    generated = {p: load_generated(Path(p), data_dir) for p in args.path}  # fail before training
-    real_x, real_y = load_real(data_dir)
+    try:
+        truth, real_paths = read_test_split(Path(args.data))
+    except DataError as err:
+        raise SystemExit(f"--data {args.data}: {err}") from err
+    generated = {p: load_generated(Path(p), truth) for p in args.path}  # fail before training
+    real_x = torch.stack([to_tensor(Image.open(f)) for f in real_paths])
+    real_y = torch.tensor(list(truth.values()))
     judge = get_judge(Path(args.judge), args.images, args.steps)
 
     chance = {a: 1 / len(v) for a, v in ATTRIBUTES.items()}

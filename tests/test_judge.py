@@ -57,17 +57,26 @@ def test_score_counts_only_the_attributes_a_caption_names():
     assert got["shape+colour"] == pytest.approx(2 / 4)
 
 
-def test_command_line_trains_saves_and_scores(shapes_dir, tmp_path):
-    run = tmp_path / "run"
+def fake_run(shapes_dir, run):
+    """A generated tree whose images are the real test pictures; returns the test keys."""
     keys = safe_load_pickle(shapes_dir / "test" / "filenames.pickle")
-    for i, key in enumerate(keys):  # the real pictures stand in for generated ones
+    for i, key in enumerate(keys):
         dest = run / "valid" / "single" / f"{key}_s{i % 10}.png"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(shapes_dir / "CUB_200_2011" / "images" / f"{key}.jpg", dest)
+    return keys
+
+
+def judge_command(*args):
+    return [sys.executable, str(ROOT / "bench" / "shapes_judge.py"), *map(str, args)]
+
+
+def test_command_line_trains_saves_and_scores(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    keys = fake_run(shapes_dir, run)
     judge = tmp_path / "judge.pt"
-    command = [sys.executable, str(ROOT / "bench" / "shapes_judge.py"), "--path", str(run),
-               "--data", str(shapes_dir), "--judge", str(judge), "--images", "200",
-               "--steps", "20"]
+    command = judge_command("--path", run, "--data", shapes_dir, "--judge", judge, "--images",
+                            200, "--steps", 20)
     first = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "judge on 200 new drawn pictures: shape" in first.stdout
     assert judge.is_file()
@@ -83,10 +92,28 @@ def test_command_line_trains_saves_and_scores(shapes_dir, tmp_path):
 
 
 def test_missing_images_say_what_to_run(shapes_dir, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "shapes_judge.py"), "--path",
-                             str(tmp_path), "--data", str(shapes_dir), "--judge",
-                             str(tmp_path / "j.pt"), "--images", "50", "--steps", "2"],
+    result = subprocess.run(judge_command("--path", tmp_path, "--data", shapes_dir, "--judge",
+                                          tmp_path / "j.pt", "--images", 50, "--steps", 2),
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "valid/single has no <key>_s<k>.png images" in result.stderr
     assert "cfg/eval_clip_shapes.yml" in result.stderr
+
+
+def test_bad_data_dir_and_bad_judge_file_say_so(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    fake_run(shapes_dir, run)
+    result = subprocess.run(judge_command("--path", run, "--data", tmp_path / "nothing"),
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"--data {tmp_path / 'nothing'}: DATA_DIR" in result.stderr
+    assert "Traceback" not in result.stderr
+    broken = tmp_path / "judge.pt"
+    broken.write_bytes(b"not a checkpoint")
+    result = subprocess.run(judge_command("--path", run, "--data", shapes_dir, "--judge", broken),
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"judge {broken} cannot be read" in result.stderr
+    assert "delete it to train a new judge" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert broken.read_bytes() == b"not a checkpoint"  # left for the user to look at
