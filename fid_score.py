@@ -15,7 +15,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from miscc import metrics as M
+from miscc.inception import DIMS_CHOICES, MetricsError
+from miscc.metrics import compute_fid, compute_stats_file
+from miscc.metrics_cli import (
+    add_common_args,
+    device_from_arg,
+    emit,
+    load_data_config,
+    resolve_data,
+    run_cli,
+)
+from miscc.statistics import is_stats_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GEN REAL: image folders (recursive) or .npz statistics; a single "
                              "folder with --save-stats only saves its statistics; with --data, "
                              "a single folder replaces the generated set")
-    parser.add_argument("--dims", type=int, choices=M.DIMS_CHOICES, default=2048,
+    parser.add_argument("--dims", type=int, choices=DIMS_CHOICES, default=2048,
                         help="Inception pool features to use (default 2048)")
     parser.add_argument("--save-stats", dest="save_stats", default=None, metavar="OUT.npz",
                         help="save the real set's statistics (with --kid: also its features)")
@@ -39,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--splits", type=int, default=10, help="IS splits (default 10)")
     parser.add_argument("--allow-few-images", action="store_true",
                         help="compute FID even with fewer images than --dims + 1")
-    M.add_common_args(parser)
+    add_common_args(parser)
     return parser
 
 
@@ -51,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if len(paths) > 2:
-            raise M.MetricsError("--path takes GEN REAL (two paths) or one folder")
+            raise MetricsError("--path takes GEN REAL (two paths) or one folder")
         if not paths and not use_cfg:
-            raise M.MetricsError("give --path GEN REAL, or --data bird|coco|shapes (or --cfg)")
-        cfg = M.load_data_config(args) if use_cfg else None
-        device = M.device_from_arg(args.gpu_id, cfg)
+            raise MetricsError("give --path GEN REAL, or --data bird|coco|shapes (or --cfg)")
+        cfg = load_data_config(args) if use_cfg else None
+        device = device_from_arg(args.gpu_id, cfg)
         common = dict(dims=args.dims, batch_size=args.batch_size, device=device,
                       weights=args.weights, workers=args.workers,
                       progress=not args.no_progress, allow_few=args.allow_few_images)
@@ -63,29 +73,29 @@ def main(argv: list[str] | None = None) -> int:
                         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                         save_real_stats=args.save_stats)
         if cfg is not None and len(paths) < 2:
-            target = M.resolve_data(cfg, args.dims, cfg_file=args.cfg_file)
+            target = resolve_data(cfg, args.dims, cfg_file=args.cfg_file)
             gen = paths[0] if paths else target.gen_dir
-            result = M.compute_fid(gen, target.real, cache_path=target.cache_path,
-                                   **common, **fid_opts)
+            result = compute_fid(gen, target.real, cache_path=target.cache_path,
+                                 **common, **fid_opts)
             result["real"] = f"{target.dataset_name} test split at {target.size}px"
         elif len(paths) == 1:
             if not args.save_stats:
-                raise M.MetricsError("one --path computes statistics only: add --save-stats "
-                                     "OUT.npz, or give --path GEN REAL")
-            result = M.compute_stats_file(paths[0], args.save_stats, keep_features=args.kid,
-                                          **common)
+                raise MetricsError("one --path computes statistics only: add --save-stats "
+                                   "OUT.npz, or give --path GEN REAL")
+            result = compute_stats_file(paths[0], args.save_stats, keep_features=args.kid,
+                                        **common)
             if not args.json:
                 print(f"saved: {result['saved_stats']} ({result['n']} images, "
                       f"{result['dims']}-d)")
         else:
             gen, real = paths
-            if args.save_stats and M.is_stats_file(real):
-                raise M.MetricsError(f"--save-stats: REAL {real} is already a statistics file")
-            result = M.compute_fid(gen, real, **common, **fid_opts)
-        M.emit(result, args.json)
+            if args.save_stats and is_stats_file(real):
+                raise MetricsError(f"--save-stats: REAL {real} is already a statistics file")
+            result = compute_fid(gen, real, **common, **fid_opts)
+        emit(result, args.json)
         return 0
 
-    return M.run_cli(body)
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from miscc import metrics as M
+from miscc.inception import MetricsError
+from miscc.metrics import compute_is
+from miscc.metrics_cli import (
+    add_common_args,
+    device_from_arg,
+    emit,
+    load_data_config,
+    resolve_generated_dir,
+    run_cli,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--path", default=None, metavar="DIR",
                         help="image folder (searched recursively)")
     parser.add_argument("--splits", type=int, default=10, help="IS splits (default 10)")
-    M.add_common_args(parser)
+    add_common_args(parser)
     return parser
 
 
@@ -32,19 +41,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.path is None and not use_cfg:
-            raise M.MetricsError("give --path DIR, or --data bird|coco|shapes (or --cfg)")
+            raise MetricsError("give --path DIR, or --data bird|coco|shapes (or --cfg)")
         path, cfg = args.path, None
         if path is None or args.print_config:
-            cfg = M.load_data_config(args)
-            path = path or M.resolve_generated_dir(cfg, args.cfg_file)
-        device = M.device_from_arg(args.gpu_id, cfg)
-        result = M.compute_is(path, splits=args.splits, batch_size=args.batch_size,
-                              device=device, weights=args.weights, workers=args.workers,
-                              progress=not args.no_progress)
-        M.emit(result, args.json)
+            cfg = load_data_config(args)
+            path = path or resolve_generated_dir(cfg, args.cfg_file)
+        device = device_from_arg(args.gpu_id, cfg)
+        result = compute_is(path, splits=args.splits, batch_size=args.batch_size,
+                            device=device, weights=args.weights, workers=args.workers,
+                            progress=not args.no_progress)
+        emit(result, args.json)
         return 0
 
-    return M.run_cli(body)
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,21 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from miscc import metrics as M  # noqa: E402
+from miscc.features import extract  # noqa: E402
+from miscc.inception import (  # noqa: E402
+    DIMS_CHOICES,
+    hub_weights_path,
+    load_inception,
+    save_random_inception,
+)
+from miscc.metrics import compute_fid  # noqa: E402
+from miscc.metrics_cli import device_from_arg  # noqa: E402
+from miscc.statistics import (  # noqa: E402
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    statistics,
+)
 
 
 def write_images(folder: Path, n: int, size: int, bright: bool, seed: int) -> Path:
@@ -57,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=40, help="images per set (default 40)")
     parser.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
-    parser.add_argument("--dims", type=int, choices=M.DIMS_CHOICES, default=2048)
+    parser.add_argument("--dims", type=int, choices=DIMS_CHOICES, default=2048)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--gpu", type=int, default=-1, help="-1 = CPU (default)")
     parser.add_argument("--weights", default=None)
@@ -70,17 +84,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = M.device_from_arg(args.gpu)
+    device = device_from_arg(args.gpu)
     n, bs, dims = args.n, args.batch_size, args.dims
     with tempfile.TemporaryDirectory() as tmp:
         gen = write_images(Path(tmp) / "gen", n, args.size, True, 0)
         real = write_images(Path(tmp) / "real", n, args.size, False, 1)
         weights = args.weights
         label = "given weights"
-        if weights is None and M.hub_weights_path().is_file():
-            weights, label = str(M.hub_weights_path()), "torch-fidelity weights"
+        if weights is None and hub_weights_path().is_file():
+            weights, label = str(hub_weights_path()), "torch-fidelity weights"
         elif weights is None:
-            weights, label = str(M.save_random_inception(Path(tmp) / "w.pth")), "random weights"
+            weights, label = str(save_random_inception(Path(tmp) / "w.pth")), "random weights"
         quiet = {"progress": False, "log": lambda msg: None, "workers": args.workers}
         kid_size = min(n, 1000)
         print(f"device {device}, {n} generated + {n} real images of {args.size}px, dims {dims}, "
@@ -88,22 +102,22 @@ def main() -> None:
               f"torch threads {torch.get_num_threads()}")
 
         # one pass, all metrics (Inception built once, outside the timing, as for the baseline)
-        full = M.load_inception(dims, logits=True, weights=weights, device=device)
-        M.extract(gen, full, bs, **quiet)  # warm-up (allocator, kernels, page cache)
-        ours, t_one = timed(lambda: M.compute_fid(
+        full = load_inception(dims, logits=True, weights=weights, device=device)
+        extract(gen, full, bs, **quiet)  # warm-up (allocator, kernels, page cache)
+        ours, t_one = timed(lambda: compute_fid(
             gen, real, dims=dims, kid=True, isc=True, batch_size=bs, inception=full,
             kid_subset_size=kid_size, allow_few=True, **quiet))
 
         # separate passes with the same extractor: IS (gen), FID (gen, real), KID (gen, real)
-        pool = M.load_inception(dims, logits=False, weights=weights, device=device)
+        pool = load_inception(dims, logits=False, weights=weights, device=device)
 
         def separate() -> dict:
-            g0 = M.extract(gen, full, bs, **quiet)
-            is_mean, _ = M.inception_score(g0.logits, 10)
-            g1, r1 = M.extract(gen, pool, bs, **quiet), M.extract(real, pool, bs, **quiet)
-            fid = M.frechet_distance(M.statistics(g1.pool), M.statistics(r1.pool))
-            g2, r2 = M.extract(gen, pool, bs, **quiet), M.extract(real, pool, bs, **quiet)
-            kid = M.kernel_inception_distance(g2.pool, r2.pool, 100, kid_size, lambda m: None)
+            g0 = extract(gen, full, bs, **quiet)
+            is_mean, _ = inception_score(g0.logits, 10)
+            g1, r1 = extract(gen, pool, bs, **quiet), extract(real, pool, bs, **quiet)
+            fid = frechet_distance(statistics(g1.pool), statistics(r1.pool))
+            g2, r2 = extract(gen, pool, bs, **quiet), extract(real, pool, bs, **quiet)
+            kid = kernel_inception_distance(g2.pool, r2.pool, 100, kid_size, lambda m: None)
             passes = sum(f.seconds for f in (g0, g1, r1, g2, r2))
             return {"fid": fid, "is_mean": is_mean, "kid_mean": kid[0], "passes_s": passes}
 

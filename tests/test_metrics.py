@@ -1,5 +1,6 @@
-"""FID / IS / KID on torch-fidelity's Inception-v3 (miscc/metrics.py, fid_score.py,
-inception_score.py), with a random-weight Inception built from torch-fidelity's own class."""
+"""FID / IS / KID on torch-fidelity's Inception-v3 (miscc/{inception,features,statistics,metrics,
+metrics_cli}.py, fid_score.py, inception_score.py), with a random-weight Inception built from
+torch-fidelity's own class."""
 
 from __future__ import annotations
 
@@ -24,7 +25,30 @@ if str(ROOT) not in sys.path:
 import fid_score  # noqa: E402
 import inception_score  # noqa: E402
 from datasets import make_shapes_dataset  # noqa: E402
-from miscc import metrics as M  # noqa: E402
+from miscc import metrics_cli  # noqa: E402
+from miscc.features import FeatureSet, ImageFiles, extract, find_images, full_fp32  # noqa: E402
+from miscc.inception import (  # noqa: E402
+    Inception,
+    MetricsError,
+    file_sha256,
+    hub_weights_path,
+    inception_filename,
+    inception_url,
+    load_inception,
+    save_random_inception,
+)
+from miscc.statistics import (  # noqa: E402
+    Stats,
+    cached_real_stats,
+    check_enough_for_dims,
+    frechet_distance,
+    kernel_inception_distance,
+    load_stats,
+    save_stats,
+    statistics,
+    stats_cache_path,
+)
+from miscc.statistics import inception_score as isc  # noqa: E402
 
 BATCH = 8
 N_IMAGES = 8
@@ -84,8 +108,8 @@ def write_set(root: Path, n: int, kind: str, seed: int, ext: str = "png",
 
 @pytest.fixture(scope="module")
 def weights(small_inception_input, tmp_path_factory) -> Path:
-    """Random weights through torch-fidelity's own Inception class (M.save_random_inception)."""
-    return M.save_random_inception(tmp_path_factory.mktemp("weights") / "random_inception.pth")
+    """Random weights through torch-fidelity's own Inception class (save_random_inception)."""
+    return save_random_inception(tmp_path_factory.mktemp("weights") / "random_inception.pth")
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +120,14 @@ def sets(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def inception(weights) -> M.Inception:
-    return M.load_inception(64, logits=True, weights=weights, device="cpu")
+def inception(weights) -> Inception:
+    return load_inception(64, logits=True, weights=weights, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def feats(inception, sets) -> dict[str, M.FeatureSet]:
+def feats(inception, sets) -> dict[str, FeatureSet]:
     """One pass over each set: 64-d pool features and logits together."""
-    return {k: M.extract(v, inception, BATCH, workers=0, progress=False) for k, v in sets.items()}
+    return {k: extract(v, inception, BATCH, workers=0, progress=False) for k, v in sets.items()}
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +157,12 @@ def test_random_inception_is_non_degenerate(feats):
     gap = (a.pool.mean(0) - b.pool.mean(0)).norm()
     assert gap > 3 * a.pool.std(0).norm() / math.sqrt(N_IMAGES)  # the two sets differ
     assert len(set(a.logits.argmax(1).tolist())) > 3  # not one shared class
-    assert M.inception_score(a.logits, SPLITS)[0] > 1.2
+    assert isc(a.logits, SPLITS)[0] > 1.2
 
 
 def test_mixed_sizes_and_formats_are_batched_by_size(inception, tmp_path, feats, sets):
     """A folder with 32 px and 48 px images gives each image the features it gets alone."""
-    files = M.find_images(sets["A"])[:2]
+    files = find_images(sets["A"])[:2]
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for i, f in enumerate(files):
@@ -146,19 +170,19 @@ def test_mixed_sizes_and_formats_are_batched_by_size(inception, tmp_path, feats,
     rng = np.random.default_rng(5)
     for i in range(2):
         Image.fromarray(blob_image(rng, "a", 48)).save(mixed / f"{i}_zbig.jpg")
-    together = M.extract(mixed, inception, batch_size=4, progress=False)
-    alone = torch.cat([M.extract(M.ImageFiles([f]), inception, 1, progress=False).pool
-                       for f in M.find_images(mixed)])
+    together = extract(mixed, inception, batch_size=4, progress=False)
+    alone = torch.cat([extract(ImageFiles([f]), inception, 1, progress=False).pool
+                       for f in find_images(mixed)])
     torch.testing.assert_close(together.pool, alone, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(together.pool[[0, 2]], feats["A"].pool[:2], rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ the math
 def test_fid_of_a_set_with_itself_is_zero_and_fid_is_symmetric(feats):
-    sa, sb = M.statistics(feats["A"].pool), M.statistics(feats["B"].pool)
-    ab, ba = M.frechet_distance(sa, sb), M.frechet_distance(sb, sa)
+    sa, sb = statistics(feats["A"].pool), statistics(feats["B"].pool)
+    ab, ba = frechet_distance(sa, sb), frechet_distance(sb, sa)
     assert ab > 0.1
-    assert abs(M.frechet_distance(sa, sa)) < 1e-6 * ab
+    assert abs(frechet_distance(sa, sa)) < 1e-6 * ab
     assert ab == pytest.approx(ba, rel=1e-6)
 
 
@@ -170,18 +194,18 @@ def test_frechet_distance_of_known_gaussians_equals_closed_form():
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # commuting covariances, rotated
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
     closed = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    got = M.frechet_distance(M.Stats(mu1, s1, 10), M.Stats(mu2, s2, 10))
+    got = frechet_distance(Stats(mu1, s1, 10), Stats(mu2, s2, 10))
     assert got == pytest.approx(closed, rel=1e-9)
     # general (non-commuting) covariances: tr(S1 + S2 - 2 (S1^½ S2 S1^½)^½)
     x, y = rng.normal(size=(d, d)), rng.normal(size=(d, d))
     s1, s2 = x @ x.T + 0.1 * np.eye(d), y @ y.T + 0.1 * np.eye(d)
     r1 = scipy.linalg.sqrtm(s1).real
     ref = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(r1 @ s2 @ r1).real)
-    got = M.frechet_distance(M.Stats(mu1, s1, 10), M.Stats(mu2, s2, 10))
+    got = frechet_distance(Stats(mu1, s1, 10), Stats(mu2, s2, 10))
     assert got == pytest.approx(ref, rel=1e-7)
     # one dimension: (m1 - m2)^2 + (sd1 - sd2)^2; float32 mu vs float64 mu is promoted
-    one = M.frechet_distance(M.Stats(np.array([1.0], np.float32), np.array([[4.0]]), 2),
-                             M.Stats(np.array([3.0]), np.array([[9.0]]), 2))
+    one = frechet_distance(Stats(np.array([1.0], np.float32), np.array([[4.0]]), 2),
+                           Stats(np.array([3.0]), np.array([[9.0]]), 2))
     assert one == pytest.approx(4.0 + 1.0)
 
 
@@ -200,44 +224,44 @@ def is_by_hand(logits: np.ndarray, splits: int) -> tuple[float, float]:
 
 def test_inception_score_equals_the_formula_by_hand(feats):
     for logits, splits in ((feats["A"].logits, SPLITS), (feats["B"].logits, 3)):
-        mean, std = M.inception_score(logits, splits)
+        mean, std = isc(logits, splits)
         ref_mean, ref_std = is_by_hand(logits.numpy(), splits)
         assert mean == pytest.approx(ref_mean, rel=1e-9)
         assert std == pytest.approx(ref_std, rel=1e-7, abs=1e-12)
     synthetic = torch.randn(50, 1008, generator=torch.Generator().manual_seed(0)) * 4
-    assert M.inception_score(synthetic, 5)[0] == pytest.approx(is_by_hand(synthetic.numpy(), 5)[0])
-    with pytest.raises(M.MetricsError, match="needs at least 10 images"):
-        M.inception_score(synthetic[:7], 10)
+    assert isc(synthetic, 5)[0] == pytest.approx(is_by_hand(synthetic.numpy(), 5)[0])
+    with pytest.raises(MetricsError, match="needs at least 10 images"):
+        isc(synthetic[:7], 10)
 
 
 def test_statistics_round_trip_through_npz(feats, tmp_path):
-    sa = M.statistics(feats["A"].pool, keep_features=True, meta={"weights": "abc"})
-    sb = M.statistics(feats["B"].pool)
-    path = M.save_stats(tmp_path / "sub" / "a.npz", sa)
-    back = M.load_stats(path, dims=64)
+    sa = statistics(feats["A"].pool, keep_features=True, meta={"weights": "abc"})
+    sb = statistics(feats["B"].pool)
+    path = save_stats(tmp_path / "sub" / "a.npz", sa)
+    back = load_stats(path, dims=64)
     np.testing.assert_array_equal(back.mu, sa.mu)
     np.testing.assert_array_equal(back.sigma, sa.sigma)
     np.testing.assert_array_equal(back.features, feats["A"].pool.numpy())
     assert back.mu.dtype == sa.mu.dtype and back.n == N_IMAGES and back.meta == {"weights": "abc"}
-    assert M.frechet_distance(back, sb) == M.frechet_distance(sa, sb)
+    assert frechet_distance(back, sb) == frechet_distance(sa, sb)
     assert not list(path.parent.glob(".*tmp"))  # atomic write left no temp file
     # pytorch-fid's layout (mu/sigma only) loads too
     np.savez(tmp_path / "pfid.npz", mu=sa.mu.astype(np.float64), sigma=sa.sigma)
-    assert M.frechet_distance(M.load_stats(tmp_path / "pfid.npz", 64), sa) == pytest.approx(
-        0, abs=1e-6 * M.frechet_distance(sa, sb))
-    with pytest.raises(M.MetricsError, match="holds 64-d statistics but --dims 2048"):
-        M.load_stats(path, dims=2048)
+    assert frechet_distance(load_stats(tmp_path / "pfid.npz", 64), sa) == pytest.approx(
+        0, abs=1e-6 * frechet_distance(sa, sb))
+    with pytest.raises(MetricsError, match="holds 64-d statistics but --dims 2048"):
+        load_stats(path, dims=2048)
 
 
 # ------------------------------------------------------------- agreement with torch-fidelity
 def test_library_matches_torch_fidelity_calculate_metrics(feats, reference):
     a, b = feats["A"], feats["B"]
-    fid = M.frechet_distance(M.statistics(a.pool), M.statistics(b.pool))
+    fid = frechet_distance(statistics(a.pool), statistics(b.pool))
     assert fid == pytest.approx(reference["frechet_inception_distance"], rel=1e-6)
-    is_mean, is_std = M.inception_score(a.logits, SPLITS)
+    is_mean, is_std = isc(a.logits, SPLITS)
     assert is_mean == pytest.approx(reference["inception_score_mean"], rel=1e-6)
     assert is_std == pytest.approx(reference["inception_score_std"], rel=1e-5)
-    kid_mean, kid_std, _ = M.kernel_inception_distance(a.pool, b.pool, 100, N_IMAGES)
+    kid_mean, kid_std, _ = kernel_inception_distance(a.pool, b.pool, 100, N_IMAGES)
     assert kid_mean == pytest.approx(reference["kernel_inception_distance_mean"], rel=1e-5)
     assert kid_std == pytest.approx(reference["kernel_inception_distance_std"], abs=1e-9)
 
@@ -277,7 +301,7 @@ def test_save_stats_then_fid_against_npz(weights, sets, tmp_path, capsys):
     code, out, err = run_cli(fid_score, ["--path", str(small_b), "--save-stats", str(npz),
                                          "--kid", *base], capsys)
     assert code == 0, err
-    assert json.loads(out)["n"] == 4 and M.load_stats(npz, 64).features.shape == (4, 64)
+    assert json.loads(out)["n"] == 4 and load_stats(npz, 64).features.shape == (4, 64)
     code, out, err = run_cli(fid_score, ["--path", str(small_a), str(npz), "--kid", *base],
                              capsys)
     assert code == 0, err
@@ -350,7 +374,7 @@ def test_weights_download_failure_is_one_clear_message(sets, tmp_path, monkeypat
                                          "64", "--allow-few-images"], capsys)
     assert time.perf_counter() - start < 20
     assert code == 2 and out == ""
-    assert M.inception_filename() in err and M.inception_url() in err and "--weights" in err
+    assert inception_filename() in err and inception_url() in err and "--weights" in err
     assert err.startswith("error: cannot get the Inception-v3 weights") and "Downloading" not in err
     assert err.count("error:") == 1
     code, _, err = run_cli(inception_score, ["--path", str(sets["A"]), "--splits", str(SPLITS)],
@@ -362,7 +386,7 @@ def test_bad_weights_files(sets, tmp_path, capsys):
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), str(sets["B"]), "--dims", "64",
                                        "--allow-few-images", "--weights",
                                        str(tmp_path / "nope.pth")], capsys)
-    assert code == 2 and "no such file" in err and M.inception_filename() in err
+    assert code == 2 and "no such file" in err and inception_filename() in err
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), str(sets["B"]), "--dims", "64",
                                        "--allow-few-images", "--weights",
@@ -399,8 +423,8 @@ def test_too_few_images_for_dims_or_splits(weights, sets, capsys):
                                        "--weights", str(weights)], capsys)
     assert code == 2 and f"{N_IMAGES} images are too few for FID at --dims 64" in err
     assert "at least 65 images" in err and "a smaller --dims" not in err  # none fits 12
-    with pytest.raises(M.MetricsError, match=r"Use more images or a smaller --dims \(64\)"):
-        M.check_enough_for_dims(100, 2048, "set", allow_few=False)
+    with pytest.raises(MetricsError, match=r"Use more images or a smaller --dims \(64\)"):
+        check_enough_for_dims(100, 2048, "set", allow_few=False)
     code, _, err = run_cli(inception_score, ["--path", str(sets["A"]), "--splits", "50",
                                              "--weights", str(weights)], capsys)
     assert code == 2 and "--splits 50 needs at least 50 images" in err
@@ -429,7 +453,7 @@ def test_unreadable_images_are_skipped_and_counted(weights, tmp_path, capsys):
 
 
 def test_kid_needs_features_in_npz(weights, sets, feats, tmp_path, capsys):
-    M.save_stats(tmp_path / "s.npz", M.statistics(feats["B"].pool))
+    save_stats(tmp_path / "s.npz", statistics(feats["B"].pool))
     code, _, err = run_cli(fid_score, ["--path", str(sets["A"]), str(tmp_path / "s.npz"),
                                        "--dims", "64", "--kid", "--weights", str(weights),
                                        "--allow-few-images"], capsys)
@@ -456,21 +480,21 @@ class CountingImages(torch.utils.data.Dataset):
 
 
 def test_real_stats_cache_reused_and_rebuilt(weights, tmp_path):
-    inc = M.load_inception(64, logits=False, weights=weights)
+    inc = load_inception(64, logits=False, weights=weights)
     data = CountingImages(4)
-    path = M.stats_cache_path(tmp_path, "shapes", "test", 32, 64)
+    path = stats_cache_path(tmp_path, "shapes", "test", 32, 64)
     assert path == tmp_path / "cache" / "fid_stats_shapes_test_32px_64.npz"
     logs: list[str] = []
     opts = {"batch_size": 4, "progress": False, "log": logs.append}
-    first, hit = M.cached_real_stats(data, path, inc, **opts)
+    first, hit = cached_real_stats(data, path, inc, **opts)
     assert not hit and data.reads == 4 and path.is_file()
-    again, hit = M.cached_real_stats(data, path, inc, **opts)
+    again, hit = cached_real_stats(data, path, inc, **opts)
     assert hit and data.reads == 4  # not recomputed
     np.testing.assert_array_equal(again.sigma, first.sigma)
-    _, hit = M.cached_real_stats(data, path, inc, need_features=True, **opts)
+    _, hit = cached_real_stats(data, path, inc, need_features=True, **opts)
     assert not hit and data.reads == 8 and "KID needs" in logs[-1]
     data.keys[0] = "renamed"
-    _, hit = M.cached_real_stats(data, path, inc, **opts)
+    _, hit = cached_real_stats(data, path, inc, **opts)
     assert not hit and data.reads == 12 and "image list changed" in logs[-1]
 
 
@@ -500,7 +524,7 @@ def test_data_config_resolves_paths_and_caches(weights, tmp_path, capsys, monkey
     assert code == 0, err
     assert json.loads(out)["n"] == 5
     # --data NAME reads cfg/eval_clip_<NAME>.yml; a missing one says to use --cfg
-    monkeypatch.setattr(M, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(metrics_cli, "REPO_ROOT", tmp_path)
     code, _, err = run_cli(fid_score, ["--data", "bird", "--weights", str(weights)], capsys)
     assert code == 2 and "eval_clip_bird.yml not found" in err and "--cfg" in err
 
@@ -534,11 +558,11 @@ def test_full_fp32_turns_tf32_off_and_restores():
     try:
         for before in (on, mixed):
             _set_tf32_flags(before)
-            with M.full_fp32():
+            with full_fp32():
                 assert _tf32_flags() == off
             assert _tf32_flags() == before
         _set_tf32_flags(on)
-        with pytest.raises(KeyError), M.full_fp32():
+        with pytest.raises(KeyError), full_fp32():
             assert _tf32_flags() == off
             raise KeyError("boom")
         assert _tf32_flags() == on
@@ -557,9 +581,9 @@ def test_extract_runs_under_full_fp32(inception, sets, monkeypatch):
 
     monkeypatch.setattr(inception.net, "forward", spy)
     outside = _tf32_flags()
-    with M.full_fp32():
+    with full_fp32():
         inside = _tf32_flags()
-    M.extract(M.ImageFiles(M.find_images(sets["A"])[:2]), inception, 2, progress=False)
+    extract(ImageFiles(find_images(sets["A"])[:2]), inception, 2, progress=False)
     assert states == [inside] and _tf32_flags() == outside
 
 
@@ -573,16 +597,16 @@ def test_weights_are_taken_from_the_torch_hub_cache(weights, tmp_path, monkeypat
 
     monkeypatch.setattr(fe, "load_state_dict_from_url", no_download)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = M.hub_weights_path()
-    assert cached == tmp_path / "hub" / "checkpoints" / M.inception_filename()
+    cached = hub_weights_path()
+    assert cached == tmp_path / "hub" / "checkpoints" / inception_filename()
     cached.parent.mkdir(parents=True)
     cached.write_bytes(weights.read_bytes())
-    inc = M.load_inception(64, logits=False)
-    assert inc.weights_id == M.file_sha256(weights)
+    inc = load_inception(64, logits=False)
+    assert inc.weights_id == file_sha256(weights)
     expected = torch.load(weights, weights_only=True)
     got = inc.net.state_dict()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got)
     cached.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(M.MetricsError, match="cached weights .* are unreadable; delete"):
-        M.load_inception(64, logits=False)
+    with pytest.raises(MetricsError, match="cached weights .* are unreadable; delete"):
+        load_inception(64, logits=False)
