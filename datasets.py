@@ -1,7 +1,8 @@
 """AttnGAN-layout text-image data (CUB birds, COCO, the synthetic shapes set).
 
-Reads the layout of DESIGN §4, crops birds around their boxes, tokenizes captions with CLIP's
-BPE once at start-up, and serves random crops at every GAN scale plus two captions per image.
+Reads the layout of docs/DESIGN.md §4, crops birds around their boxes, tokenizes captions with
+CLIP's BPE once at start-up, and serves random crops at every GAN scale plus two captions per
+image.
 The decoded, cropped, resized images can be cached once in a memory-mapped uint8 file
 (`prepare_data.py cache`) so epochs never re-decode JPEGs.
 """

@@ -1,4 +1,4 @@
-"""Stage 2 command line: DM-GAN on frozen CLIP features (DESIGN §8).
+"""Stage 2 command line: DM-GAN on frozen CLIP features (docs/DESIGN.md §8).
 
     python main.py --cfg cfg/clip_shapes_DMGAN.yml          # train (TRAIN.FLAG: True); resumes
     python main.py --cfg cfg/eval_clip_shapes.yml           # test set + R-precision + CLIP score

@@ -18,6 +18,8 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.pretrained import get_pretrained_cfg
 from open_clip.transformer import VisionTransformer
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
 
 from miscc.utils import CheckpointError, load_checkpoint, load_state_strict
 
@@ -31,7 +33,7 @@ class EncoderLoadError(RuntimeError):
 
 
 def resolve_clip_name(name: str, pretrained: str) -> dict:
-    """Map a CLIP name to a spec {'model', 'pretrained', 'arch'} (see DESIGN §5).
+    """Map a CLIP name to a spec {'model', 'pretrained', 'arch'} (see docs/DESIGN.md §5).
 
     Accepts OpenAI names (`ViT-B/32`), open_clip names (`ViT-B-32` + tag), Hugging Face names of
     the earlier configs (`openai/clip-vit-base-patch32`), `hf-hub:` names, and a JSON
@@ -233,8 +235,10 @@ class ClipEncoder(nn.Module):
 
 # =============================================================================== DM-GAN
 # Generator and discriminators of DM-GAN (Zhu et al., CVPR 2019), conditioned on CLIP word and
-# sentence features (DESIGN §8). Written from the paper's equations.
-GENERATOR_FORMAT = "dmgan-generator/1"
+# sentence features (docs/DESIGN.md §8), with the widths and layers of the DM-GAN release.
+# /2: the memory stages and discriminators as DM-GAN releases them (2·ngf memory, SN D);
+# /1 checkpoints hold the earlier, narrower networks and cannot be loaded into these
+GENERATOR_FORMAT = "dmgan-generator/2"
 
 
 def gan_arch(cfg, text_dim: int) -> dict:
@@ -304,50 +308,50 @@ class InitStage(nn.Module):
 
 
 class MemoryStage(nn.Module):
-    """One dynamic-memory refinement stage (memory writing, key addressing, value reading,
-    response gate), then residual blocks and a 2x up-block. All items and words at once."""
+    """One dynamic-memory refinement stage as DM-GAN releases it (docs/DESIGN.md §8): memory
+    writing from the words and the detached pooled image feature, key addressing by raw dot
+    products over the real words, value reading, response gate; the fused feature, doubled to
+    2·ch, then goes through the residual blocks and a 2·ch -> ch up-block."""
 
     def __init__(self, ch: int, text_dim: int, r_num: int) -> None:
         super().__init__()
-        self.gate_word = nn.Linear(text_dim, 1)      # A(w_i) of the writing gate
-        self.gate_img = nn.Linear(ch, 1)             # B(r_avg)
-        self.mem_word = nn.Linear(text_dim, ch)      # M_w
-        self.mem_img = nn.Linear(ch, ch)             # M_r
-        self.key = nn.Linear(ch, ch)                 # phi_K
-        self.value = nn.Linear(ch, ch)               # phi_V
-        self.response = nn.Conv2d(ch * 2, 1, 1)      # response gate on [o_j, r_j]
-        self.res = nn.Sequential(*[ResBlock(ch) for _ in range(r_num)])
-        self.up = _up_block(ch, ch)
-        self.scale = ch**-0.5
+        self.gate_word = nn.Linear(text_dim, 1, bias=False)              # A(w_i)
+        self.gate_img = nn.Linear(ch, 1, bias=False)                     # B(r_avg)
+        self.mem_word = nn.Sequential(nn.Linear(text_dim, ch * 2), nn.ReLU())  # M_w
+        self.mem_img = nn.Sequential(nn.Linear(ch, ch * 2), nn.ReLU())         # M_r
+        self.key = nn.Sequential(nn.Linear(ch * 2, ch), nn.ReLU())             # phi_K
+        self.value = nn.Sequential(nn.Linear(ch * 2, ch), nn.ReLU())           # phi_V
+        self.response = nn.Conv2d(ch * 2, 1, 1)      # response gate on [r_j, o_j]
+        self.res = nn.Sequential(*[ResBlock(ch * 2) for _ in range(r_num)])
+        self.up = _up_block(ch * 2, ch)
 
     def memory(self, h: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> tuple:
         """Gated memory read for image features h [B, C, H, W] given words [B, T, D] and the
         real-word mask [B, T]; returns (fused features [B, C, H, W], attention [B, T, H*W])."""
         b, c, hh, ww = h.shape
         words = words.to(h.dtype)
-        r_avg = h.mean(dim=(2, 3))                                              # [B, C]
+        r_avg = h.mean(dim=(2, 3)).detach()  # the release writes memory from a detached r_avg
         g_w = torch.sigmoid(self.gate_word(words) + self.gate_img(r_avg)[:, None])  # [B, T, 1]
-        mem = self.mem_word(words) * g_w + self.mem_img(r_avg)[:, None] * (1 - g_w)
+        mem = self.mem_word(words) * g_w + self.mem_img(r_avg)[:, None] * (1 - g_w)  # [B, T, 2C]
         keys, values = self.key(mem), self.value(mem)                           # [B, T, C]
-        q = h.flatten(2)                                                        # [B, C, N]
-        logits = torch.bmm(keys, q) * self.scale                                # [B, T, N]
+        logits = torch.bmm(keys, h.flatten(2))                                  # [B, T, N]
         real = mask.to(torch.bool)[:, :, None]
         logits = logits.masked_fill(~real, torch.finfo(logits.dtype).min)
         attn = torch.softmax(logits, dim=1) * real    # all-padding captions read nothing
         out = torch.bmm(values.transpose(1, 2), attn).view(b, c, hh, ww)        # [B, C, H, W]
-        g_r = torch.sigmoid(self.response(torch.cat([out, h], dim=1)))          # [B, 1, H, W]
-        return out * g_r + h * (1 - g_r), attn
+        g_r = torch.sigmoid(self.response(torch.cat([h, out], dim=1)))          # [B, 1, H, W]
+        return h * (1 - g_r) + out * g_r, attn
 
     def forward(self, h: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         fused, _ = self.memory(h, words, mask)
-        return self.up(self.res(fused))
+        return self.up(self.res(torch.cat([fused, fused], dim=1)))
 
 
 class ImageHead(nn.Sequential):
     """3x3 conv to RGB + tanh: the image at one scale, in [-1, 1]."""
 
     def __init__(self, ch: int) -> None:
-        super().__init__(nn.Conv2d(ch, 3, 3, 1, 1), nn.Tanh())
+        super().__init__(nn.Conv2d(ch, 3, 3, 1, 1, bias=False), nn.Tanh())
 
 
 class Generator(nn.Module):
@@ -375,30 +379,35 @@ class Generator(nn.Module):
         return images, mu, logvar
 
 
-def _down_block(cin: int, cout: int, bn: bool = True) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 4, 2, 1, bias=not bn)]
-    if bn:
-        layers.append(nn.BatchNorm2d(cout))
-    return [*layers, nn.LeakyReLU(0.2, inplace=True)]
+def _sn_conv(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Conv2d:
+    """A spectrally normalised convolution with bias, as every D convolution of the release."""
+    return spectral_norm(nn.Conv2d(cin, cout, kernel, stride, padding, bias=True))
+
+
+def _down_block(cin: int, cout: int) -> list[nn.Module]:
+    """4x4 stride-2 SN convolution + LeakyReLU(0.2) (the release's downBlock)."""
+    return [_sn_conv(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
 
 
 def _conv3_block(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
-            nn.LeakyReLU(0.2, inplace=True)]
+    """3x3 SN convolution + LeakyReLU(0.2) (the release's Block3x3_leakRelu)."""
+    return [_sn_conv(cin, cout, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True)]
 
 
 class Discriminator(nn.Module):
-    """One scale's D: stride-2 trunk to 4x4xDF_DIM·8, an unconditional logit, and a
-    conditional logit on the features joined with the sentence embedding."""
+    """One scale's D as DM-GAN releases it (D_NET64/128/256, D_GET_LOGITS): a trunk of
+    spectrally normalised stride-2 convolutions to 4x4xDF_DIM·8, no BatchNorm, an unconditional
+    logit, and a conditional logit on the features joined with the sentence embedding. The two
+    4x4 logit convolutions are plain, as in the release."""
 
     def __init__(self, size: int, df_dim: int, text_dim: int) -> None:
         super().__init__()
         n_down = int(math.log2(size // 4))
-        layers = _down_block(3, df_dim, bn=False)
-        for k in range(1, n_down):
-            layers += _down_block(df_dim * 2 ** (k - 1), df_dim * 2**k)
+        layers: list[nn.Module] = []
+        for k in range(n_down):
+            layers += _down_block(3 if k == 0 else df_dim * 2 ** (k - 1), df_dim * 2**k)
         ch, target = df_dim * 2 ** (n_down - 1), df_dim * 8
-        while ch > target:  # 128 px and up: 3x3 convs back to DF_DIM·8 (as AttnGAN's D128/256)
+        while ch > target:  # 128 px and up: 3x3 convs back to DF_DIM·8 (D_NET128/256)
             layers += _conv3_block(ch, ch // 2)
             ch //= 2
         if ch < target:  # small test sizes: widen to DF_DIM·8
@@ -409,16 +418,23 @@ class Discriminator(nn.Module):
         self.cond = nn.Conv2d(target, 1, 4, 4)
 
     def cond_logit(self, feats: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+        """Conditional logits [B] of trunk features [B, C, 4, 4] with sentences [B, D]."""
         s = sent.to(feats.dtype)[:, :, None, None].expand(-1, -1, *feats.shape[2:])
         return self.cond(self.joint(torch.cat([feats, s], dim=1))).flatten()
 
     def forward(self, images: torch.Tensor, sent: torch.Tensor,
                 wrong_sent: torch.Tensor | None = None) -> tuple:
-        """-> (uncond [B], cond [B], cond with `wrong_sent` [B] or None). The trunk runs once;
-        both conditional heads are inside forward so DistributedDataParallel sees them."""
+        """-> (uncond [B], cond [B·k], cond with `wrong_sent` [B·k] or None). The trunk runs
+        once; `sent` may hold k sentences per image ([B·k, D], image-major repeats of the
+        batch: caption 1 of every image, then caption 2, ...), which reuse the image features.
+        Both conditional heads are inside forward so DistributedDataParallel sees them."""
         feats = self.trunk(images)
-        wrong = self.cond_logit(feats, wrong_sent) if wrong_sent is not None else None
-        return self.uncond(feats).flatten(), self.cond_logit(feats, sent), wrong
+        reps = sent.shape[0] // feats.shape[0]
+        if reps * feats.shape[0] != sent.shape[0]:
+            raise ValueError(f"{sent.shape[0]} sentences for {feats.shape[0]} images")
+        tiled = feats.repeat(reps, 1, 1, 1) if reps > 1 else feats
+        wrong = self.cond_logit(tiled, wrong_sent) if wrong_sent is not None else None
+        return self.uncond(feats).flatten(), self.cond_logit(tiled, sent), wrong
 
 
 def build_discriminators(arch: dict) -> nn.ModuleList:
@@ -428,10 +444,15 @@ def build_discriminators(arch: dict) -> nn.ModuleList:
 
 
 def init_gan_weights(module: nn.Module) -> None:
-    """DCGAN-style init: conv N(0, 0.02), batch-norm weight N(1, 0.02), linear orthogonal."""
+    """The release's init: convolution and linear weights orthogonal (gain 1; the weight
+    before spectral normalisation where there is one), linear biases zero, batch-norm weight
+    N(1, 0.02) and bias zero; convolution biases keep PyTorch's default."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+            weight = (m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight")
+                      else m.weight)
+            with torch.no_grad():
+                nn.init.orthogonal_(weight)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
@@ -451,7 +472,12 @@ def load_generator(netG: Generator, path: str | Path) -> None:
     """Load `path` (our format, or a plain state_dict) into `netG`; a checkpoint of another
     architecture fails listing the mismatched keys and the differing architecture numbers."""
     state = load_checkpoint(path, "generator checkpoint")
-    arch = state.get("arch") if state.get("format") == GENERATOR_FORMAT else None
+    fmt = state.get("format")
+    if isinstance(fmt, str) and fmt.startswith("dmgan-generator/") and fmt != GENERATOR_FORMAT:
+        raise CheckpointError(f"{path} was written by an earlier version of this repository "
+                              f"({fmt}; this version reads {GENERATOR_FORMAT}): the DM-GAN "
+                              "networks now follow the release; train the generator again")
+    arch = state.get("arch") if fmt == GENERATOR_FORMAT else None
     weights = state["state_dict"] if arch is not None else state
     try:
         load_state_strict(netG, weights, f"generator checkpoint {path}")

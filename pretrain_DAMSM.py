@@ -1,4 +1,4 @@
-"""Stage 1 command line: fine-tune CLIP with DAMSM + NT-Xent losses (DESIGN §7).
+"""Stage 1 command line: fine-tune CLIP with DAMSM + NT-Xent losses (docs/DESIGN.md §7).
 
     python pretrain_DAMSM.py --cfg cfg/DAMSM/bird.yml --gpu 0        # resumes when re-run
     python pretrain_DAMSM.py --cfg cfg/DAMSM/shapes.yml --fresh      # start over

@@ -29,6 +29,7 @@ from miscc.losses import (
 )
 from miscc.training import (
     EpochTrainer,
+    damsm_class_ids,
     finite_stats,
     fused_options,
     load_resume_state,
@@ -54,13 +55,13 @@ from model import (
 )
 from text_features import load_frozen_encoder, text_feature_cache
 
-STATE_FORMAT = "dmgan-train-state/1"
+STATE_FORMAT = "dmgan-train-state/2"  # /2: released DM-GAN networks (model.GENERATOR_FORMAT)
 
 
 # ---------------------------------------------------------------------------------- trainer
 class GANTrainer(EpochTrainer):
-    """DM-GAN training loop (DESIGN §6, §8): D per scale, then G with adversarial + DAMSM + KL +
-    contrastive losses, generator EMA, snapshots, exact resume."""
+    """DM-GAN training loop (docs/DESIGN.md §8; the losses: §6): D per scale, then G with
+    adversarial + DAMSM + KL + contrastive losses, generator EMA, snapshots, exact resume."""
 
     FRESH_PATTERNS = ("state_step_*.pth", "netG_*.pth")
     FRESH_FOLDERS = ("logs",)  # the sample grids in Image/ stay
@@ -183,27 +184,32 @@ class GANTrainer(EpochTrainer):
         return w.to(self.device), s.to(self.device), m.to(self.device)
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """One D update per scale, then one G update; returns the loss values (averaged over
-        processes). The values reach the host once, at the end of the step."""
+        """One D update per scale, then one G update, as DM-GAN+CL does them (docs/DESIGN.md
+        §8): both captions of every image are drawn with the same noise z; each D sees the real,
+        wrong and fake pair of both captions; G's loss is the sum of both captions' adversarial,
+        DAMSM and KL losses plus CONTRASTIVE_WEIGHT · NT-Xent between the two fake batches'
+        CLIP codes. Returns the loss values (averaged over processes), read once per step."""
         cfg, dev = self.cfg, self.device
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         reals = [x[:, 0].to(dev, non_blocking=True, memory_format=fmt) for x in batch["imgs"]]
         b = reals[0].shape[0]
+        halves = (slice(0, b), slice(b, 2 * b))  # caption 1 of every image, then caption 2
         words, sent, mask = self._text(batch)
-        class_ids = batch["class_id"].repeat(2).to(dev)
-        z = torch.randn(2 * b, self.arch["Z_DIM"], generator=self.noise).to(dev)
+        class_ids = damsm_class_ids(cfg, batch, dev)
+        z = torch.randn(b, self.arch["Z_DIM"], generator=self.noise).repeat(2, 1).to(dev)
         eps = torch.randn(2 * b, self.arch["CONDITION_DIM"], generator=self.noise).to(dev)
         with self._autocast():
             fakes, mu, logvar = self.netG(z, sent, words, mask, eps)
+        wrong = torch.cat([sent[h].roll(1, dims=0) for h in halves])  # another image's caption
         values: dict[str, torch.Tensor] = {}
 
-        # discriminators: real (first caption), wrong (real with another image's caption), fake
+        # discriminators: the real image with both its captions and with two wrong ones; fakes
         d_losses = []
         for i, netD in enumerate(self.netDs):
             with self._autocast():
-                ru, rc, wc = netD(reals[i], sent[:b], sent[:b].roll(1, dims=0))
+                ru, rc, wc = netD(reals[i], sent, wrong)
                 fu, fc, _ = netD(fakes[i].detach(), sent)
-                loss = discriminator_loss(ru, rc, fu, fc, wc)
+                loss = sum(discriminator_loss(ru, rc[h], fu[h], fc[h], wc[h]) for h in halves)
             d_losses.append(loss)
             values[f"D{i}"] = loss
         for loss, opt in zip(d_losses, self.optDs, strict=True):
@@ -211,27 +217,32 @@ class GANTrainer(EpochTrainer):
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
 
-        # generator
+        # generator: the sum of both captions' losses + the contrastive term
         for netD in self.netDs:
             unwrap(netD).requires_grad_(False)
+        sm = cfg.TRAIN.SMOOTH
         with self._autocast():
             adv = torch.zeros((), device=dev)
             for i, netD in enumerate(self.netDs):
                 fu, fc, _ = unwrap(netD)(fakes[i], sent)
-                adv = adv + generator_adv_loss(fu, fc)
+                adv = adv + sum(generator_adv_loss(fu[h], fc[h]) for h in halves)
             regions, code = self.encoder.encode_image(fakes[-1])
-            sm = cfg.TRAIN.SMOOTH
-            w0, w1, _ = words_loss(words, mask, regions, class_ids, sm.GAMMA1, sm.GAMMA2,
-                                   sm.GAMMA3, attngan_score=sm.ATTNGAN_SCORE)
-            s0, s1 = sent_loss(code, sent, class_ids, sm.GAMMA3)
-            damsm = (w0 + w1 + s0 + s1) * sm.LAMBDA
-            kl = kl_loss(mu.float(), logvar.float())
+            words_total = sent_total = kl = torch.zeros((), device=dev)
+            for h in halves:
+                w0, w1, _ = words_loss(words[h], mask[h], regions[h], class_ids, sm.GAMMA1,
+                                       sm.GAMMA2, sm.GAMMA3, attngan_score=sm.ATTNGAN_SCORE,
+                                       similarity=sm.SIMILARITY)
+                s0, s1 = sent_loss(code[h], sent[h], class_ids, sm.GAMMA3)
+                words_total = words_total + w0 + w1
+                sent_total = sent_total + s0 + s1
+                kl = kl + kl_loss(mu[h].float(), logvar[h].float())
+            damsm = (words_total + sent_total) * sm.LAMBDA
             contrastive = nt_xent(code[:b], code[b:], cfg.TRAIN.TEMPERATURE) \
                 * cfg.TRAIN.CONTRASTIVE_WEIGHT
             g_loss = adv + damsm + kl + contrastive
         for netD in self.netDs:
             unwrap(netD).requires_grad_(True)
-        values.update(G=g_loss, G_adv=adv, DAMSM_words=w0 + w1, DAMSM_sent=s0 + s1, KL=kl,
+        values.update(G=g_loss, G_adv=adv, DAMSM_words=words_total, DAMSM_sent=sent_total, KL=kl,
                       contrastive=contrastive)
         self.optG.zero_grad(set_to_none=True)
         self.scaler.scale(g_loss).backward()

@@ -66,12 +66,19 @@ def default_config() -> EasyDict:
                 # left/right, as in the shapes set)
                 "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
                 # cache file instead of re-encoding the captions every step
+                # DAMSM losses: captions of the same class id are not negatives of each other
+                # (AttnGAN's masking; birds: the species). Off for the shapes set, whose class
+                # (shape, colour) would hide size, position and background from the losses
+                "CLASS_MASK": True,
                 "SMOOTH": {
                     "GAMMA1": 4.0,
                     "GAMMA2": 5.0,
                     "GAMMA3": 10.0,
                     "LAMBDA": 5.0,
                     "ATTNGAN_SCORE": False,  # drop the paper's 1/gamma2 factor like AttnGAN's code
+                    # DAMSM attention from raw word-region dot products (AttnGAN/DM-GAN code)
+                    # or cosines (the earlier CLIP + DM-GAN code); measured in README
+                    "SIMILARITY": "cosine",
                 },
             },
             "GAN": {
@@ -91,6 +98,15 @@ def default_config() -> EasyDict:
                 "PRETRAINED": "openai",  # open_clip tag, a local weights file, or '' (random)
                 "ADAPTER": True,  # learnable linear map on region features
             },
+            "EVAL": {
+                # a second scorer beside TRAIN.NET_E: '' = none; a CLIP name (ViT-B/32, with
+                # INDEPENDENT_PRETRAINED weights), a stage-1 clip*.pth (or its Model/ folder),
+                # or a cfg/clip/ JSON stem (random weights, seeded: tests)
+                "INDEPENDENT_ENCODER": "",
+                "INDEPENDENT_PRETRAINED": "openai",
+                # shapes judge weights: '' = assets/shapes_judge.pt for shapes sets, 'none' = off
+                "JUDGE": "",
+            },
         }
     )
 
@@ -109,6 +125,11 @@ LEGACY_KEYS: dict[str, str | None] = {
     "TRAIN.TRAIN_CLIP_MODEL": None,
     "GAN.B_ATTENTION": None,
     "GAN.B_DCGAN": None,
+}
+
+# string keys that take one of a few values: checked when a file or --set gives them
+CHOICES: dict[str, tuple[str, ...]] = {
+    "TRAIN.SMOOTH.SIMILARITY": ("dot", "cosine"),
 }
 
 LEGACY_REASONS = {
@@ -226,7 +247,11 @@ def merge_into(cfg: EasyDict, updates: dict, source: str) -> list[str]:
             raise ConfigError(f"{source}: unknown key {path}{_suggest(path, valid)}")
         mapped[path] = value
     for path, value in mapped.items():
-        _set(cfg, path, _check_type(path, valid[path], value, source))
+        value = _check_type(path, valid[path], value, source)
+        if path in CHOICES and value not in CHOICES[path]:
+            raise ConfigError(f"{source}: {path} must be one of {', '.join(CHOICES[path])}, "
+                              f"got {value!r}")
+        _set(cfg, path, value)
     if "CLIP.MODEL" in mapped and "CLIP.PRETRAINED" not in mapped:
         model = str(mapped["CLIP.MODEL"])
         if model.startswith("openai/"):
@@ -317,7 +342,7 @@ def save_config(cfg: dict, out_dir: str | Path) -> Path:
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    """The argument parser every script starts from (the shared options of DESIGN §3)."""
+    """The argument parser every script starts from (the shared options of docs/DESIGN.md §3)."""
     return add_common_args(argparse.ArgumentParser(description=description))
 
 

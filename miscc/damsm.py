@@ -1,4 +1,4 @@
-"""Stage 1: fine-tune the CLIP encoder with DAMSM word/sentence losses plus NT-Xent (DESIGN §7).
+"""Stage 1: fine-tune CLIP with the DAMSM word/sentence losses plus NT-Xent (docs/DESIGN.md §7).
 
 Per step each image brings two augmented views and two different captions; both (caption a,
 view a) and (caption b, view b) pairs get the DAMSM word + sentence losses, and the two sentence
@@ -26,6 +26,7 @@ from miscc.config import to_plain
 from miscc.losses import nt_xent, sent_loss, words_loss
 from miscc.training import (
     EpochTrainer,
+    damsm_class_ids,
     finite_stats,
     fused_options,
     load_resume_state,
@@ -186,7 +187,7 @@ class DAMSMTrainer(EpochTrainer):
         tokens = batch["tokens"].to(dev, non_blocking=True)  # [B, 2, L]
         views = batch["imgs"][-1].to(dev, non_blocking=True)  # [B, 2, 3, S, S]
         b = tokens.shape[0]
-        class_ids = batch["class_id"].to(dev)
+        class_ids = damsm_class_ids(cfg, batch, dev)
         with self._autocast():  # one forward over both pairs: [a-captions; b-captions]
             words, sent, mask, regions, code = model(
                 torch.cat([tokens[:, 0], tokens[:, 1]]), torch.cat([views[:, 0], views[:, 1]]))
@@ -194,7 +195,8 @@ class DAMSMTrainer(EpochTrainer):
         for part in (slice(0, b), slice(b, 2 * b)):
             w0, w1, _ = words_loss(words[part], mask[part], regions[part], class_ids,
                                    sm.GAMMA1, sm.GAMMA2, sm.GAMMA3,
-                                   attngan_score=sm.ATTNGAN_SCORE)
+                                   attngan_score=sm.ATTNGAN_SCORE,
+                                   similarity=sm.SIMILARITY)
             s0, s1 = sent_loss(code[part], sent[part], class_ids, sm.GAMMA3)
             w_total, s_total = w_total + w0 + w1, s_total + s0 + s1
         contrastive = nt_xent(sent[:b], sent[b:], float(cfg.TRAIN.TEMPERATURE))
@@ -247,10 +249,11 @@ class DAMSMTrainer(EpochTrainer):
                     row += b
                     if b < self.batch and full_batches:
                         continue  # the last, smaller batch would make easier losses
-                    class_ids = batch["class_id"].to(dev)
+                    class_ids = damsm_class_ids(self.cfg, batch, dev)
                     w0, w1, attn = words_loss(words[:, 0], mask[:, 0], regions, class_ids,
                                               sm.GAMMA1, sm.GAMMA2, sm.GAMMA3,
-                                              attngan_score=sm.ATTNGAN_SCORE)
+                                              attngan_score=sm.ATTNGAN_SCORE,
+                                              similarity=sm.SIMILARITY)
                     s0, s1 = sent_loss(code, sent[:, 0], class_ids, sm.GAMMA3)
                     totals += torch.stack([w0 + w1, s0 + s1]).double().cpu() * b
                     weight += b

@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 EPS = 1e-8
+SIMILARITIES = ("dot", "cosine")  # word-region similarity the DAMSM attention is computed from
 _NEG_INF = float("-inf")
 
 
@@ -69,6 +70,7 @@ def words_loss(
     gamma2: float,
     gamma3: float,
     attngan_score: bool = False,
+    similarity: str = "cosine",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DAMSM word-level matching loss over all B x B (image, caption) pairs, batched.
 
@@ -78,6 +80,9 @@ def words_loss(
     means), attn [B, T, R] = each caption's attention over its own image's regions (detached,
     zeros at padding words). ``attngan_score=True`` drops the 1/gamma2 factor of
     R(Q, D) (the original AttnGAN code); the default is the paper's definition.
+    ``similarity`` is what the attention is computed from: ``"dot"``, the raw products
+    e_t . v_r of the AttnGAN/DM-GAN code, or ``"cosine"``, cos(e_t, v_r) as the earlier
+    CLIP + DM-GAN code. R(c_t, e_t) is a cosine either way.
 
     The context vector c_t = sum_r a_tr v_r is never formed for all pairs: with unit words
     e^_t, c_t . e^_t = sum_r a_tr |v_r| cos(e_t, v_r) and |c_t|^2 = a^T G a with the region
@@ -94,13 +99,16 @@ def words_loss(
     if tuple(word_mask.shape) != (batch, n_words):
         raise ValueError(f"word_mask must be [{batch}, {n_words}], got {tuple(word_mask.shape)}")
 
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     dtype = _compute_dtype(words)
     with _no_autocast(words):
         e = words.to(dtype)
         v = regions.to(dtype)
         real = word_mask.to(device=e.device, dtype=torch.bool)
 
-        e_hat = e / e.norm(dim=-1, keepdim=True).clamp_min(EPS)  # [B, T, D]
+        e_len = e.norm(dim=-1).clamp_min(EPS)  # [B, T]
+        e_hat = e / e_len.unsqueeze(-1)  # [B, T, D]
         v_len = v.norm(dim=-1).clamp_min(EPS)  # [B, R]
         v_hat = v / v_len.unsqueeze(-1)  # [B, R, D]
 
@@ -111,8 +119,10 @@ def words_loss(
         s = s.view(batch, n_words, batch, -1).permute(2, 0, 1, 3).contiguous()
 
         pad = ~real  # [i, T]
+        # attention logits: the cosines, or the raw products e_t . v_r = |e_t| |v_r| cos
+        att = s if similarity == "cosine" else s * e_len[None, :, :, None] * v_len[:, None, None]
         # Normalise over words (softmax over t, padding excluded), then over regions.
-        s_words = torch.softmax(s.masked_fill(pad[None, :, :, None], _NEG_INF), dim=2)
+        s_words = torch.softmax(att.masked_fill(pad[None, :, :, None], _NEG_INF), dim=2)
         alpha = torch.softmax(gamma1 * s_words, dim=3)  # [j, i, T, R]
 
         # Weights on unit regions: c_t = sum_r x_tr v^_r with x = alpha * |v_r|.

@@ -174,6 +174,12 @@ def finite_stats(values: Mapping[str, torch.Tensor], step: int,
     return stats
 
 
+def damsm_class_ids(cfg, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor | None:
+    """The batch's class ids for the DAMSM losses' same-class masking, or None when
+    TRAIN.CLASS_MASK is off (then every other caption in the batch is a negative)."""
+    return batch["class_id"].to(device) if cfg.TRAIN.CLASS_MASK else None
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return module.module if isinstance(module, DistributedDataParallel) else module
@@ -198,6 +204,11 @@ def load_resume_state(model_dir: Path, fmt: str, what: str) -> tuple[Path, dict]
     warning), or None; a CheckpointError when it is not of format `fmt` (`what` names it)."""
     found = load_latest_valid(latest_checkpoint(model_dir, STATE_PATTERN), "training state")
     if found is not None and found[1].get("format") != fmt:
+        held = found[1].get("format")
+        if isinstance(held, str) and held.split("/")[0] == fmt.split("/")[0]:
+            raise CheckpointError(f"{found[0]} is a {what} of an earlier version of this "
+                                  f"repository ({held}; this version reads {fmt}); start over "
+                                  "with --fresh")
         raise CheckpointError(f"{found[0]} is not a {what}")
     return found
 

@@ -51,6 +51,14 @@ def test_int_for_float_and_yaml_exponent_string_are_fine(tmp_path):
     assert cfg.TRAIN.ENCODER_LR == pytest.approx(1e-4)
 
 
+def test_choice_keys_name_the_allowed_values(tmp_path):
+    path = write(tmp_path, "TRAIN:\n  SMOOTH:\n    SIMILARITY: cosin\n")
+    with pytest.raises(ConfigError, match=r"c.yml: TRAIN.SMOOTH.SIMILARITY must be one of "
+                                          r"dot, cosine, got 'cosin'"):
+        load_config(path)
+    assert load_config(overrides=["TRAIN.SMOOTH.SIMILARITY=dot"]).TRAIN.SMOOTH.SIMILARITY == "dot"
+
+
 def test_bool_is_not_an_int(tmp_path):
     with pytest.raises(ConfigError, match="TREE.BRANCH_NUM expects int"):
         load_config(write(tmp_path, "TREE:\n  BRANCH_NUM: true\n"))

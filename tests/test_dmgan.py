@@ -173,6 +173,11 @@ def test_generator_checkpoint_roundtrip_and_mismatch(tmp_path) -> None:
         load_generator(Generator(small_arch(2, GF_DIM=16)), path)
     with pytest.raises(CheckpointError, match="unexpected keys: heads.1.*stages.0"):
         load_generator(Generator(small_arch(1)), plain)
+    old = tmp_path / "netG_epoch_old.pth"  # an earlier version's checkpoint: one clear line
+    atomic_torch_save({**generator_checkpoint(netG), "format": "dmgan-generator/1"}, old)
+    with pytest.raises(CheckpointError, match=r"earlier version .*dmgan-generator/1.*train the "
+                                              r"generator again"):
+        load_generator(Generator(small_arch(2)), old)
 
 
 @pytest.mark.parametrize("name", ["bird", "coco"])
@@ -196,4 +201,86 @@ def test_published_configs_build_256px_networks(name: str) -> None:
     with torch.no_grad():
         images, _, _ = netG(torch.randn(2, 100), sent, words, mask)
     assert images[-1].shape == (2, 3, 256, 256)
-    assert [len(d.trunk) for d in build_discriminators(arch)] == [11, 17, 23]
+    # D_NET64/128/256: 4, 5, 6 stride-2 convolutions, then 0, 1, 2 3x3 ones (each + LeakyReLU)
+    assert [len(d.trunk) for d in build_discriminators(arch)] == [8, 12, 16]
+
+
+def test_discriminator_convs_are_spectrally_normalised_without_batch_norm() -> None:
+    """The release's D: every trunk and joint convolution spectrally normalised, with bias,
+    LeakyReLU(0.2), no BatchNorm; the two 4x4 logit convolutions plain."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    for i, netD in enumerate(build_discriminators(small_arch(3, base=16))):
+        convs = [m for m in netD.modules() if isinstance(m, nn.Conv2d)]
+        plain = {netD.uncond, netD.cond}
+        assert len(convs) > len(plain)
+        for conv in convs:
+            assert conv.bias is not None
+            assert parametrize.is_parametrized(conv, "weight") == (conv not in plain)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in netD.modules())
+        relus = [m for m in netD.modules() if isinstance(m, nn.LeakyReLU)]
+        assert relus and all(m.negative_slope == 0.2 for m in relus)
+        # the normalised weight really has spectral norm 1 (after the power iterations)
+        netD.train()
+        for _ in range(20):
+            netD(torch.randn(2, 3, 16 * 2**i, 16 * 2**i), torch.randn(2, TEXT_DIM))
+        conv = netD.trunk[0]
+        sigma = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
+        assert sigma == pytest.approx(1.0, abs=2e-2)
+        assert torch.linalg.matrix_norm(conv.parametrizations.weight.original.detach().flatten(1),
+                                        ord=2) != pytest.approx(1.0, abs=0.1)
+
+
+def test_memory_stage_widths_as_released() -> None:
+    """M_w/M_r write 2·ngf wide memory, key/value read it back to ngf (each with ReLU); the
+    gate projections have no bias; residual blocks and the up-block run at 2·ngf."""
+    from torch import nn
+
+    ngf = 8
+    stage = Generator(small_arch(2, R_NUM=2)).stages[0]
+    assert stage.gate_word.bias is None and stage.gate_img.bias is None
+    assert stage.gate_word.weight.shape == (1, TEXT_DIM)
+    assert stage.gate_img.weight.shape == (1, ngf)
+    for proj, (cin, cout) in ((stage.mem_word, (TEXT_DIM, 2 * ngf)),
+                              (stage.mem_img, (ngf, 2 * ngf)),
+                              (stage.key, (2 * ngf, ngf)), (stage.value, (2 * ngf, ngf))):
+        assert isinstance(proj[1], nn.ReLU)
+        assert proj[0].weight.shape == (cout, cin)
+    assert stage.response.weight.shape == (1, 2 * ngf, 1, 1)
+    assert [blk.body[0].in_channels for blk in stage.res] == [2 * ngf, 2 * ngf]
+    assert stage.up[1].in_channels == 2 * ngf and stage.up[1].out_channels == 2 * ngf
+    h = torch.randn(2, ngf, 16, 16)
+    words, _, mask = text_inputs(2)
+    assert stage(h, words, mask).shape == (2, ngf, 32, 32)
+
+
+def test_memory_write_gate_reads_a_detached_image_feature() -> None:
+    """The writing gate B(r_avg) and M_r see the pooled image feature without its gradient,
+    while the image features still get gradient through key addressing and the response gate."""
+    stage = Generator(small_arch(2)).stages[0]
+    seen = {}
+    stage.gate_img.register_forward_hook(lambda m, i, o: seen.__setitem__("gate", i[0]))
+    stage.mem_img[0].register_forward_hook(lambda m, i, o: seen.__setitem__("mem", i[0]))
+    h = torch.randn(2, 8, 16, 16, requires_grad=True)
+    words, _, mask = text_inputs(2)
+    fused, _ = stage.memory(h, words, mask)
+    assert not seen["gate"].requires_grad and not seen["mem"].requires_grad
+    torch.testing.assert_close(seen["gate"], h.detach().mean(dim=(2, 3)))
+    fused.sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0
+
+
+def test_memory_addressing_is_a_raw_dot_product() -> None:
+    """Key addressing: softmax over the real words of keys · image features, unscaled."""
+    torch.manual_seed(1)
+    stage = Generator(small_arch(2)).stages[0]
+    h = torch.randn(1, 8, 4, 4)
+    words, _, mask = text_inputs(1)
+    _, attn = stage.memory(h, words, mask)
+    r_avg = h.mean(dim=(2, 3))
+    g = torch.sigmoid(stage.gate_word(words[0]) + stage.gate_img(r_avg))
+    mem = stage.mem_word(words[0]) * g + stage.mem_img(r_avg) * (1 - g)
+    keys = stage.key(mem)[mask[0]]                                   # real words only
+    expected = torch.softmax(keys @ h[0].flatten(1), dim=0)          # over words
+    torch.testing.assert_close(attn[0][mask[0]], expected)

@@ -24,8 +24,10 @@ G1, G2, G3 = 4.0, 5.0, 10.0
 
 
 # --------------------------------------------------------------------------- references
-def ref_words_loss(words, word_mask, regions, class_ids, g1, g2, g3, attngan_score=False):
-    """Obviously-correct per-pair loops: scores[image j, caption i]."""
+def ref_words_loss(words, word_mask, regions, class_ids, g1, g2, g3, attngan_score=False,
+                   similarity="cosine"):
+    """Obviously-correct per-pair loops: scores[image j, caption i]; the attention comes from
+    cosines or (AttnGAN's code) raw dot products of words and regions."""
     b = words.shape[0]
     scores = torch.zeros(b, b, dtype=words.dtype)
     attn = torch.zeros(words.shape[0], words.shape[1], regions.shape[1], dtype=words.dtype)
@@ -35,7 +37,10 @@ def ref_words_loss(words, word_mask, regions, class_ids, g1, g2, g3, attngan_sco
             v = regions[j]  # [R, D]
             s = torch.zeros(e.shape[0], v.shape[0], dtype=words.dtype)
             for t in range(e.shape[0]):
-                s[t] = F.cosine_similarity(e[t][None, :], v, dim=-1)
+                if similarity == "cosine":
+                    s[t] = F.cosine_similarity(e[t][None, :], v, dim=-1)
+                else:
+                    s[t] = (e[t][None, :] * v).sum(-1)
             s_words = torch.softmax(s, dim=0)  # normalise over words
             alpha = torch.softmax(g1 * s_words, dim=1)  # attention over regions
             c = alpha @ v  # [L, D]
@@ -102,17 +107,19 @@ def grads(fn, *tensors):
 
 
 # --------------------------------------------------------------------------- words_loss
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
 @pytest.mark.parametrize("attngan_score", [False, True])
 @pytest.mark.parametrize("class_ids", [None, [3, 1, 3, 2, 1]])
-def test_words_loss_matches_reference(attngan_score, class_ids):
+def test_words_loss_matches_reference(attngan_score, class_ids, similarity):
     words, mask, regions = make_batch()
     cid = None if class_ids is None else torch.tensor(class_ids)
 
     (l0, l1, attn), (gw, gr) = grads(
-        lambda w, r: words_loss(w, mask, r, cid, G1, G2, G3, attngan_score=attngan_score),
+        lambda w, r: words_loss(w, mask, r, cid, G1, G2, G3, attngan_score=attngan_score,
+                                similarity=similarity),
         words, regions)
     (r0, r1, rattn), (rgw, rgr) = grads(
-        lambda w, r: ref_words_loss(w, mask, r, cid, G1, G2, G3, attngan_score),
+        lambda w, r: ref_words_loss(w, mask, r, cid, G1, G2, G3, attngan_score, similarity),
         words, regions)
 
     torch.testing.assert_close(l0, r0, atol=1e-5, rtol=1e-5)
@@ -277,10 +284,27 @@ def test_words_loss_never_builds_bbtd_tensor():
 
 def test_words_loss_rejects_bad_shapes():
     words, mask, regions = make_batch(b=3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="word_mask must be"):
         words_loss(words, mask[:, :-1], regions, None, G1, G2, G3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="do not match words"):
         words_loss(words, mask, regions[:2], None, G1, G2, G3)
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        words_loss(words, mask, regions, None, G1, G2, G3, similarity="euclid")
+
+
+def test_dot_attention_follows_the_feature_norms():
+    """Scaling one region's feature sharpens dot-product attention toward it; the cosine
+    attention does not move (so the two options really differ)."""
+    words, mask, regions = make_batch(b=3, seed=4)
+    scaled = regions.clone()
+    scaled[:, 0] *= 5.0
+    _, _, cos_a = words_loss(words, mask, regions, None, G1, G2, G3, similarity="cosine")
+    _, _, cos_b = words_loss(words, mask, scaled, None, G1, G2, G3, similarity="cosine")
+    torch.testing.assert_close(cos_a, cos_b)
+    _, _, dot_a = words_loss(words, mask, regions, None, G1, G2, G3, similarity="dot")
+    _, _, dot_b = words_loss(words, mask, scaled, None, G1, G2, G3, similarity="dot")
+    assert not torch.allclose(dot_a, dot_b)
+    assert not torch.allclose(dot_a, cos_a)
 
 
 # --------------------------------------------------------------------------- sent_loss

@@ -122,6 +122,101 @@ def test_training_steps_write_everything(gan_cfg, tmp_path) -> None:
     assert again.step == 8 and again.train()["step"] == 8
 
 
+def test_step_wiring_as_dmgan_cl(gan_cfg, monkeypatch) -> None:
+    """One step, recorded: both captions share z; each D sees the real image with both captions
+    and with the other images' captions, and the detached fakes; G's loss is the sum of both
+    captions' adversarial + LAMBDA·DAMSM + KL terms plus CONTRASTIVE_WEIGHT·NT-Xent of the two
+    fake batches' codes; D gets no gradient from the G step."""
+    lam, weight = 2.0, 0.3
+    trainer = GANTrainer(gan_cfg(f"TRAIN.SMOOTH.LAMBDA={lam}",
+                                 f"TRAIN.CONTRASTIVE_WEIGHT={weight}"), CPU, progress=False)
+    calls: dict[str, list] = {}
+
+    def record(name):
+        real = getattr(trainer_mod, name)
+
+        def wrapper(*args, **kwargs):
+            out = real(*args, **kwargs)
+            kept = out.detach() if torch.is_tensor(out) else tuple(o.detach() for o in out)
+            calls.setdefault(name, []).append((args, kept))
+            return out
+        monkeypatch.setattr(trainer_mod, name, wrapper)
+
+    for name in ("discriminator_loss", "generator_adv_loss", "words_loss", "sent_loss",
+                 "kl_loss", "nt_xent"):
+        record(name)
+    inputs: dict[str, list] = {"G": [], "D": [], "code": []}
+    trainer.netG.register_forward_pre_hook(lambda m, a: inputs["G"].append(a))
+    for d in trainer.netDs:
+        d.register_forward_pre_hook(lambda m, a: inputs["D"].append(a))
+    real_encode = trainer.encoder.encode_image
+    monkeypatch.setattr(trainer.encoder, "encode_image",
+                        lambda x: inputs["code"].append(real_encode(x)) or inputs["code"][-1])
+    d_grads = [0]
+    for d in trainer.netDs:
+        for p in d.parameters():
+            p.register_hook(lambda g: d_grads.__setitem__(0, d_grads[0] + 1) or g)
+    n_d_params = sum(1 for d in trainer.netDs for _ in d.parameters())
+
+    batch = next(iter(trainer.loader))
+    stats = trainer.train_step(batch)
+    b = batch["imgs"][0].shape[0]
+
+    z, sent, _, _, eps = inputs["G"][0]
+    assert torch.equal(z[:b], z[b:]) and not torch.equal(eps[:b], eps[b:])
+    expected_sent = trainer._text(batch)[1]
+    torch.testing.assert_close(sent, expected_sent)  # caption 1 of every image, then caption 2
+    assert not torch.equal(sent[:b], sent[b:])
+    # D step: 2 calls per scale (real + wrong, fake), G step: 1 call per scale
+    n_scales = len(trainer.netDs)
+    assert len(inputs["D"]) == 3 * n_scales
+    for i in range(n_scales):
+        real_imgs, d_sent, wrong = inputs["D"][2 * i]
+        assert real_imgs.shape[0] == b and torch.equal(d_sent, sent)
+        torch.testing.assert_close(wrong, torch.cat([sent[:b].roll(1, 0),
+                                                     sent[b:].roll(1, 0)]))
+        fake_imgs, fake_sent = inputs["D"][2 * i + 1]  # no wrong sentences for fakes
+        assert fake_imgs.shape[0] == 2 * b and not fake_imgs.requires_grad
+        assert torch.equal(fake_sent, sent)
+    # the D loss of each scale is the sum over both captions, each with b conditional logits
+    d_calls = calls["discriminator_loss"]
+    assert len(d_calls) == 2 * n_scales
+    for i in range(n_scales):
+        pair = d_calls[2 * i: 2 * i + 2]
+        assert all(args[1].shape == (b,) and args[4].shape == (b,) for args, _ in pair)
+        assert stats[f"D{i}"] == pytest.approx(float(pair[0][1] + pair[1][1]), rel=1e-5)
+    # G: every term computed per caption half, on b items, then summed
+    adv = sum(float(out) for _, out in calls["generator_adv_loss"])
+    assert len(calls["generator_adv_loss"]) == 2 * n_scales
+    assert [a[0].shape[0] for a, _ in calls["words_loss"]] == [b, b]
+    # the shapes config switches DAMSM's same-class masking off (TRAIN.CLASS_MASK)
+    assert all(a[3] is None for a, _ in calls["words_loss"])
+    assert all(a[2] is None for a, _ in calls["sent_loss"])
+    assert [a[0].shape[0] for a, _ in calls["sent_loss"]] == [b, b]
+    assert len(calls["kl_loss"]) == 2
+    words_total = sum(float(o[0] + o[1]) for _, o in calls["words_loss"])
+    sent_total = sum(float(o[0] + o[1]) for _, o in calls["sent_loss"])
+    kl = sum(float(o) for _, o in calls["kl_loss"])
+    (z1, z2, tau), ntx = calls["nt_xent"][0][0][:3], float(calls["nt_xent"][0][1])
+    code = inputs["code"][0][1]
+    assert torch.equal(z1, code[:b]) and torch.equal(z2, code[b:]) and tau == 0.5
+    assert stats["G_adv"] == pytest.approx(adv, rel=1e-5)
+    assert stats["DAMSM_words"] == pytest.approx(words_total, rel=1e-5)
+    assert stats["contrastive"] == pytest.approx(weight * ntx, rel=1e-5)
+    assert stats["G"] == pytest.approx(adv + lam * (words_total + sent_total) + kl + weight * ntx,
+                                       rel=1e-5)
+    assert d_grads[0] == n_d_params  # one gradient per D parameter: the D step's alone
+
+
+def test_class_mask_switch_passes_the_batch_class_ids(gan_cfg) -> None:
+    from miscc.training import damsm_class_ids
+
+    batch = {"class_id": torch.tensor([3, 1, 3])}
+    on, off = gan_cfg("TRAIN.CLASS_MASK=True"), gan_cfg()
+    assert torch.equal(damsm_class_ids(on, batch, CPU), batch["class_id"])
+    assert damsm_class_ids(off, batch, CPU) is None and not off.TRAIN.CLASS_MASK
+
+
 def test_without_discriminators_the_generator_learns_from_damsm_alone(gan_cfg) -> None:
     trainer = GANTrainer(gan_cfg("TRAIN.MAX_STEPS=2", "TRAIN.B_NET_D=False"), CPU,
                          progress=False)
