@@ -1,13 +1,20 @@
-"""R-precision and CLIP score of generated test images (DESIGN §8).
+"""R-precision and CLIP score of generated test images (docs/DESIGN.md §9).
 
 R-precision: for each generated image, its true caption is ranked among itself and 99
 captions of other classes by cosine(CLIP image code, sentence embedding); the score is the
-fraction ranked first, as mean ± std over 10 folds. CLIP score: 100·max(cos, 0), averaged.
+fraction ranked first, as mean ± std over 10 folds of a seeded shuffle of the images (as
+DM-GAN forms them). CLIP score: 100·max(cos, 0), averaged.
+
+The training encoder (TRAIN.NET_E) is the one the generator was optimised against, so it can
+be flattered; EVAL.INDEPENDENT_ENCODER adds the same scores from a second encoder (for
+bird/coco an off-the-shelf CLIP ViT-B/32, the CLIP-R-precision of Park et al. 2021), and on a
+shapes set the shapes judge (miscc/judge.py) says how often each attribute a caption names is
+drawn.
 
 As a script it scores an existing tree `<DIR>/<key>_s<k>.png` (main.py's evaluation layout, or
 any model's images laid out the same way) with the dataset and encoder of the config:
 
-    python r_precision.py --cfg cfg/eval_clip_shapes.yml [--path DIR] [--json]
+    python r_precision.py --cfg cfg/eval_clip_shapes.yml [--path DIR] [--json] [--independent NAME]
 """
 
 from __future__ import annotations
@@ -123,9 +130,20 @@ def rank_first_loop(codes: torch.Tensor, bank: torch.Tensor, true_idx: torch.Ten
     return torch.tensor(hits, dtype=torch.bool)
 
 
-def fold_stats(success: torch.Tensor, folds: int = FOLDS) -> tuple[float, float, list[float]]:
-    """Mean ± std (population, as AttnGAN) of the per-fold success rates."""
-    parts = np.array_split(success.float().numpy(), max(1, min(folds, len(success))))
+def fold_stats(success: torch.Tensor, folds: int = FOLDS,
+               seed: int | None = None) -> tuple[float, float, list[float]]:
+    """Mean ± std (population, as AttnGAN) of the per-fold success rates.
+
+    With a seed the per-image successes are first put in the order of
+    `np.random.default_rng(seed).permutation`, as DM-GAN shuffles its R array before cutting it
+    into folds: contiguous runs in caption order would put all captions of one image (and of
+    neighbouring keys, often one class) into the same fold and inflate the std.
+    `score_generated` always passes one (SEED); None keeps caption order.
+    """
+    values = success.float().numpy()
+    if seed is not None:
+        values = values[np.random.default_rng(seed).permutation(len(values))]
+    parts = np.array_split(values, max(1, min(folds, len(values))))
     rates = [float(x.mean()) for x in parts]
     return float(np.mean(rates)), float(np.std(rates)), rates
 
@@ -156,7 +174,7 @@ def score_generated(codes: torch.Tensor, items: torch.Tensor, sent: torch.Tensor
                            "R-precision is undefined")
         return result
     success = rank_first(codes, bank, true_idx, negatives)
-    mean, std, rates = fold_stats(success, folds)
+    mean, std, rates = fold_stats(success, folds, seed=seed)
     result.update(r_precision=mean, r_precision_std=std, folds=rates)
     if info["with_replacement"]:
         result["note"] = (f"only {info['smallest_pool']} captions of other classes for some "
@@ -174,7 +192,67 @@ def report_lines(result: dict) -> list[str]:
     lines.append(f"CLIP score: {result['clip_score']:.2f}")
     if result.get("note"):
         lines.append(f"note: {result['note']}")
+    other = result.get("independent")
+    if other is not None:
+        rp = ("undefined" if other.get("r_precision") is None else
+              f"{100 * other['r_precision']:.2f} ± {100 * other['r_precision_std']:.2f} %")
+        lines.append(f"independent scorer {other['encoder']}: R-precision {rp}, "
+                     f"CLIP score {other['clip_score']:.2f}")
+    if "judge" in result:
+        from miscc.judge import judge_lines
+
+        lines += judge_lines(result)
     return lines
+
+
+# ------------------------------------------------------------------ the independent scorer
+def load_independent_encoder(cfg, device: torch.device,
+                             name: str | None = None) -> tuple[object, dict] | None:
+    """The second scorer of EVAL.INDEPENDENT_ENCODER (or `name`), frozen, and its description
+    for metrics.json; None when none is asked for ('' or 'none').
+
+    `name` is a CLIP name resolved like CLIP.MODEL (`ViT-B/32`, `ViT-B-32`, `RN50`, ...) with
+    EVAL.INDEPENDENT_PRETRAINED weights, a stage-1 `clip*.pth` checkpoint (or its `Model/`
+    folder: the newest one), or a JSON architecture stem under cfg/clip/ (`tiny`: random
+    weights drawn from seed 0, the same every run; for tests). Any load failure is an
+    EncoderLoadError naming the key.
+    """
+    from miscc.training import resolve_checkpoint
+    from miscc.utils import CheckpointError
+    from model import ClipEncoder, EncoderLoadError, resolve_clip_name
+
+    name = str(cfg.EVAL.INDEPENDENT_ENCODER if name is None else name).strip()
+    if not name or name.lower() == "none":
+        return None
+    info: dict = {"encoder": name}
+    try:
+        if name.endswith((".pth", ".pt")) or Path(name).is_dir():
+            path = resolve_checkpoint(name, "clip*.pth", "stage-1 encoder",
+                                      "EVAL.INDEPENDENT_ENCODER")
+            encoder = ClipEncoder.from_checkpoint(path)
+            info["checkpoint"] = str(path)
+        else:
+            spec = resolve_clip_name(name, str(cfg.EVAL.INDEPENDENT_PRETRAINED))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # a JSON architecture's random weights: fixed
+                encoder = ClipEncoder(spec, adapter=False)
+            if spec["pretrained"]:
+                info["pretrained"] = spec["pretrained"]
+    except (EncoderLoadError, CheckpointError) as err:
+        message = str(err).replace("CLIP.PRETRAINED", "EVAL.INDEPENDENT_PRETRAINED")
+        raise EncoderLoadError(f"EVAL.INDEPENDENT_ENCODER={name!r} (the independent scorer; "
+                               f"'' turns it off): {message}") from err
+    encoder.requires_grad_(False)
+    return encoder.eval().to(device), info
+
+
+def independent_entry(info: dict, codes: torch.Tensor, items: torch.Tensor, sent: torch.Tensor,
+                      class_ids: torch.Tensor, num_captions: torch.Tensor, seed: int) -> dict:
+    """metrics.json's `independent`: `score_generated` of the second encoder's image codes and
+    sentence features (same negatives and folds as the main score: same classes, same seed)."""
+    scored = score_generated(codes, items, sent, class_ids, num_captions, seed=seed)
+    shared = ("images", "negatives", "smallest_pool", "with_replacement")
+    return {**info, **{k: v for k, v in scored.items() if k not in shared}}
 
 
 # ---------------------------------------------------------------------------- the script
@@ -192,19 +270,39 @@ class _Pngs(Dataset):
 
 
 @torch.no_grad()
+def image_pass(encoders: list, images: DataLoader, device: torch.device, judge=None,
+               progress: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """One pass over batches of [-1, 1] images: the CLIP image codes of each encoder and, with
+    a judge (miscc.judge.EvalJudge), its attribute predictions."""
+    from tqdm import tqdm
+
+    codes: list[list[torch.Tensor]] = [[] for _ in encoders]
+    preds = []
+    for x in tqdm(images, desc="scoring images", disable=not progress):
+        for out, encoder in zip(codes, encoders, strict=True):
+            out.append(encoder.encode_image(x.to(device))[1].float().cpu())
+        if judge is not None:
+            preds.append(judge.predict(x))
+    joined = [torch.cat(c) if c else torch.zeros(0, e.embed_dim)
+              for c, e in zip(codes, encoders, strict=True)]
+    if judge is None:
+        return joined, None
+    return joined, torch.cat(preds) if preds else torch.zeros(0, 5, dtype=torch.long)
+
+
 def encode_images(encoder, images: DataLoader, device: torch.device,
                   progress: bool = True) -> torch.Tensor:
     """CLIP image codes of every batch of [-1, 1] images."""
-    from tqdm import tqdm
-
-    codes = [encoder.encode_image(x.to(device))[1].float().cpu()
-             for x in tqdm(images, desc="CLIP image codes", disable=not progress)]
-    return torch.cat(codes) if codes else torch.zeros(0, encoder.embed_dim)
+    return image_pass([encoder], images, device, progress=progress)[0][0]
 
 
-def score_tree(cfg, path: str | Path, device: torch.device, progress: bool = True) -> dict:
-    """Score `<path>/<key>_s<k>.png` for every test caption found there."""
+def score_tree(cfg, path: str | Path, device: torch.device, progress: bool = True,
+               independent: str | None = None) -> dict:
+    """Score `<path>/<key>_s<k>.png` for every test caption found there: R-precision and CLIP
+    score with TRAIN.NET_E, plus the independent scorer (EVAL.INDEPENDENT_ENCODER, or
+    `independent`) and the shapes judge (miscc.judge.judge_path) when configured."""
     from datasets import CaptionTokenizer, TextImageDataset, image_sizes
+    from miscc.judge import EvalJudge
     from text_features import load_frozen_encoder, text_feature_cache
 
     root = Path(path)
@@ -214,7 +312,11 @@ def score_tree(cfg, path: str | Path, device: torch.device, progress: bool = Tru
     encoder = load_frozen_encoder(cfg, device)
     data = TextImageDataset(cfg, "test", CaptionTokenizer(int(cfg.TEXT.WORDS_NUM)),
                             image_sizes(cfg), train=False, use_cache=False)
+    judge = EvalJudge.from_config(cfg, data.info)
+    other, other_info = load_independent_encoder(cfg, device, independent) or (None, None)
     text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
+    other_text = (text_feature_cache(cfg, "test", data.tokens, other, device, progress)
+                  if other is not None else None)
     items, paths = [], []
     expected = 0
     for i, key in enumerate(data.keys):
@@ -232,10 +334,18 @@ def score_tree(cfg, path: str | Path, device: torch.device, progress: bool = Tru
                       f"in {root}; scoring the {len(items)} found", stacklevel=2)
     loader = DataLoader(_Pngs(paths), batch_size=int(cfg.TRAIN.BATCH_SIZE),
                         num_workers=int(cfg.WORKERS))
-    codes = encode_images(encoder, loader, device, progress)
-    result = score_generated(codes, torch.tensor(items), text.sent, data.class_ids,
+    encoders = [encoder] if other is None else [encoder, other]
+    codes, preds = image_pass(encoders, loader, device, judge, progress)
+    items_t = torch.tensor(items)
+    result = score_generated(codes[0], items_t, text.sent, data.class_ids,
                              data.num_captions, seed=int(cfg.SEED))
     result.update(path=str(root), expected_images=expected)
+    if other is not None:
+        result["independent"] = independent_entry(other_info, codes[1], items_t, other_text.sent,
+                                                  data.class_ids, data.num_captions,
+                                                  int(cfg.SEED))
+    if judge is not None:
+        result.update(judge.metrics(items_t, preds))
     return result
 
 
@@ -250,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default=None,
                         help="generated images (default <OUTPUT_DIR>/valid/single)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--independent", default=None, metavar="NAME",
+                        help="also score with this encoder (a CLIP name such as ViT-B/32, a "
+                             "stage-1 clip*.pth, or '' for none; default EVAL.INDEPENDENT_"
+                             "ENCODER)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
 
@@ -258,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cpu" and int(cfg.CPU_THREADS) > 0:
             torch.set_num_threads(int(cfg.CPU_THREADS))
         path = args.path or str(Path(cfg.OUTPUT_DIR) / "valid" / "single")
-        result = score_tree(cfg, path, device, progress=not args.json)
+        result = score_tree(cfg, path, device, progress=not args.json,
+                            independent=args.independent)
         print(json.dumps(result, indent=2) if args.json else "\n".join(report_lines(result)))
 
     return run_command(body, (*USER_ERRORS, FileNotFoundError))

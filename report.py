@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from miscc.config import ConfigError, load_config
-from miscc.metrics import inception_filename, inception_url
+from miscc.inception import inception_filename, inception_url
 from miscc.utils import atomic_write_bytes
 
 FID_HINT = (f"FID / IS need torch-fidelity's Inception weights (`{inception_filename()}`), "
@@ -103,6 +103,15 @@ def metrics_rows(metrics: dict | None, fid: dict | None, isc: dict | None) -> li
         else:
             rows.append(f"| R-precision | undefined: {metrics.get('note', '')} |")
         rows.append(f"| CLIP score | {metrics['clip_score']:.2f} |")
+        other = metrics.get("independent")
+        if other is not None:
+            name = f"independent scorer `{other['encoder']}`"
+            if other.get("r_precision") is not None:
+                rows.append(f"| R-precision, {name} | {100 * other['r_precision']:.2f} ± "
+                            f"{100 * other['r_precision_std']:.2f} % |")
+            else:
+                rows.append(f"| R-precision, {name} | undefined: {other.get('note', '')} |")
+            rows.append(f"| CLIP score, {name} | {other['clip_score']:.2f} |")
         rows.append(f"| generated test images | {metrics['images']} |")
     if fid is not None and "fid" in fid:
         rows.append(f"| FID | {fid['fid']:.3f} |")
@@ -110,6 +119,34 @@ def metrics_rows(metrics: dict | None, fid: dict | None, isc: dict | None) -> li
             rows.append(f"| KID | {fid['kid_mean']:.4f} ± {fid['kid_std']:.4f} |")
     if isc is not None and "is_mean" in isc:
         rows.append(f"| Inception Score | {isc['is_mean']:.2f} ± {isc['is_std']:.2f} |")
+    return rows
+
+
+JUDGE_COLUMNS = (("shape", "shape"), ("colour", "colour"), ("size", "size"),
+                 ("pos", "position"), ("bg", "background"), ("mean", "mean"))
+
+
+def judge_rows(metrics: dict | None) -> list[str]:
+    """The shapes judge's table (Markdown lines; none without judge entries): per attribute,
+    the % of generated images showing what their caption names, of the real test pictures,
+    and chance."""
+    if not metrics or "judge" not in metrics:
+        return []
+
+    def cells(entry: dict) -> str:
+        return " | ".join("–" if entry.get(k) is None else f"{100 * entry[k]:.1f}"
+                          for k, _ in JUDGE_COLUMNS)
+
+    rows = ["Shapes judge (`miscc/judge.py`, a CNN that never saw the CLIP encoder): % of images "
+            "showing the attribute their caption names.", "",
+            "| images | " + " | ".join(title for _, title in JUDGE_COLUMNS) + " |",
+            "| --- |" + " --- |" * len(JUDGE_COLUMNS)]
+    for title, key in (("generated", "judge"), ("real test pictures", "judge_real"),
+                       ("chance", "judge_chance")):
+        entry = metrics.get(key)
+        if entry is not None:
+            count = f" ({entry['images']})" if "images" in entry else ""
+            rows.append(f"| {title}{count} | {cells(entry)} |")
     return rows
 
 
@@ -126,6 +163,9 @@ def build_report(stage1_dir: Path, stage2_dir: Path, out: Path, metrics_file: Pa
     if isc is None and fid is not None and "is_mean" in fid:  # fid_score.py --isc: one pass
         isc = fid
     lines += metrics_rows(metrics, fid, isc)
+    judge = judge_rows(metrics)
+    if judge:
+        lines += ["", *judge]
     if fid is None or isc is None:
         lines += ["", FID_HINT]
     lines.append("")

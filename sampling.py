@@ -19,11 +19,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import CaptionTokenizer, DataError, TextImageDataset, image_sizes
+from miscc.judge import EvalJudge
 from miscc.pictures import save_caption_grid, to_uint8
 from miscc.training import resolve_checkpoint
 from miscc.utils import atomic_write_bytes, barrier, is_main_process
 from model import ClipEncoder, Generator, gan_arch, load_generator
-from r_precision import report_lines, score_generated
+from r_precision import independent_entry, load_independent_encoder, report_lines, score_generated
 from text_features import load_frozen_encoder, text_feature_cache
 
 
@@ -52,34 +53,40 @@ def caption_items(num_captions: torch.Tensor) -> torch.Tensor:
     return torch.stack([index, torch.arange(len(index)) - starts[index]], dim=1)
 
 
-def _gather(items: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' (items, codes) on every rank, in caption order."""
+def _gather(items: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """All ranks' (items, *per-item tensors) on every rank, in caption order."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return items, codes
+        return (items, *tensors)
     parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (items, codes))
+    dist.all_gather_object(parts, (items, *tensors))
     items = torch.cat([p[0] for p in parts])
-    codes = torch.cat([p[1] for p in parts])
     order = torch.argsort(items[:, 0] * 1_000_000 + items[:, 1])
-    return items[order], codes[order]
+    return (items[order], *(torch.cat([p[j] for p in parts])[order]
+                            for j in range(1, len(tensors) + 1)))
 
 
 @torch.no_grad()
 def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict | None:
     """Write `<OUTPUT_DIR>/valid/single/<key>_s<k>.png` for every test caption and score them;
-    rank 0 returns (and writes to metrics.json) the R-precision and CLIP score."""
+    rank 0 returns (and writes to metrics.json) the R-precision and CLIP score, plus the
+    independent scorer's (EVAL.INDEPENDENT_ENCODER) and the shapes judge's entries when
+    configured."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     encoder = load_frozen_encoder(cfg, device)
     netG = generator_for_eval(cfg, encoder, device)
     data = TextImageDataset(cfg, "test", CaptionTokenizer(int(cfg.TEXT.WORDS_NUM)),
                             image_sizes(cfg), train=False, use_cache=False)
+    judge = EvalJudge.from_config(cfg, data.info)  # load problems end the run before drawing
+    other, other_info = load_independent_encoder(cfg, device) or (None, None)
     text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
+    other_text = (text_feature_cache(cfg, "test", data.tokens, other, device, progress)
+                  if other is not None else None)
     items = caption_items(data.num_captions)
     z, eps = seeded_noise(cfg, len(items), netG.arch)
     out_dir = Path(cfg.OUTPUT_DIR) / "valid" / "single"
     mine = torch.arange(rank, len(items), world)
-    codes = []
+    codes, other_codes, preds = [], [], []
     for chunk in tqdm(mine.split(int(cfg.TRAIN.BATCH_SIZE)), desc="generating test images",
                       disable=not (progress and is_main_process())):
         idx, cap = items[chunk, 0], items[chunk, 1]
@@ -93,13 +100,28 @@ def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict 
         # score exactly what was saved (the 8-bit PNG), as r_precision.py reads it back
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         codes.append(encoder.encode_image(x.to(device))[1].float().cpu())
+        if other is not None:
+            other_codes.append(other.encode_image(x.to(device))[1].float().cpu())
+        if judge is not None:
+            preds.append(judge.predict(x))
     codes_t = torch.cat(codes) if codes else torch.zeros(0, encoder.embed_dim)
-    all_items, all_codes = _gather(items[mine], codes_t)
+    extra = []
+    if other is not None:
+        extra.append(torch.cat(other_codes) if other_codes else torch.zeros(0, other.embed_dim))
+    if judge is not None:
+        extra.append(torch.cat(preds) if preds else torch.zeros(0, 5, dtype=torch.long))
+    all_items, all_codes, *all_extra = _gather(items[mine], codes_t, *extra)
     result = None
     if is_main_process():
         result = score_generated(all_codes, all_items, text.sent, data.class_ids,
                                  data.num_captions, seed=int(cfg.SEED))
         result.update(path=str(out_dir), generator=str(cfg.TRAIN.NET_G), processes=world)
+        if other is not None:
+            result["independent"] = independent_entry(
+                other_info, all_extra.pop(0), all_items, other_text.sent, data.class_ids,
+                data.num_captions, int(cfg.SEED))
+        if judge is not None:
+            result.update(judge.metrics(all_items, all_extra.pop(0)))
         metrics = Path(cfg.OUTPUT_DIR) / "metrics.json"
         atomic_write_bytes(metrics, json.dumps(result, indent=2).encode())
         print("\n".join(report_lines(result)) + f"\nwrote {len(all_items)} images to {out_dir} "

@@ -126,7 +126,16 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
     r_row = (f"| R-precision (top-1 of 1 + {metrics['negatives']}) | "
              f"{100 * metrics['r_precision']:.2f} ± {100 * metrics['r_precision_std']:.2f} % |")
     assert rows[:2] == ["| metric | value |", "| --- | --- |"], rows
-    assert rows[2:] == [r_row, f"| CLIP score | {metrics['clip_score']:.2f} |",
-                        f"| generated test images | {len(expected_pngs)} |"], rows
+    assert rows[2:5] == [r_row, f"| CLIP score | {metrics['clip_score']:.2f} |",
+                         f"| generated test images | {len(expected_pngs)} |"], rows
+    # the shapes judge's table: generated (its count), real test pictures, chance
+    judge = metrics["judge"]
+    assert set(judge) >= {"shape", "colour", "size", "pos", "bg", "mean", "images"}
+    assert judge["mean"] == pytest.approx(sum(judge[k] for k in ("shape", "colour", "size",
+                                                                 "pos", "bg")) / 5)
+    assert rows[5:7] == ["| images | shape | colour | size | position | background | mean |",
+                         "| --- | --- | --- | --- | --- | --- | --- |"], rows
+    assert rows[7].startswith(f"| generated ({judge['images']}) | {100 * judge['shape']:.1f} |")
+    assert rows[8].startswith("| real test pictures") and rows[9].startswith("| chance | 16.7 |")
     assert "FID / IS need torch-fidelity's Inception weights" in report
     assert "make demo INCEPTION_WEIGHTS=" in report

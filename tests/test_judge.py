@@ -1,4 +1,5 @@
-"""bench/shapes_judge.py: caption parsing, per-attribute scoring, and the command line."""
+"""The shapes judge (miscc/judge.py): caption parsing, per-attribute scoring, its float16 file,
+and bench/shapes_judge.py, its command line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -20,9 +22,16 @@ from datasets import (
     safe_load_pickle,
     shapes_captions,
 )
+from miscc import judge as shapes_judge
 
-sys.path.insert(0, str(ROOT / "bench"))
-import shapes_judge
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The judge's small convolutions run fastest on one thread of a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_first_caption_gives_back_every_attribute():
@@ -117,3 +126,75 @@ def test_bad_data_dir_and_bad_judge_file_say_so(shapes_dir, tmp_path):
     assert "delete it to train a new judge" in result.stderr
     assert "Traceback" not in result.stderr
     assert broken.read_bytes() == b"not a checkpoint"  # left for the user to look at
+
+
+def test_saved_judge_is_float16_and_loads_back(tmp_path):
+    torch.manual_seed(0)
+    judge, acc = shapes_judge.train_judge(images=64, steps=3, progress=False)
+    path = shapes_judge.save_judge(judge, acc, tmp_path / "j.pt", images=64, steps=3, seed=0)
+    raw = torch.load(path, weights_only=True)
+    floats = [v for v in raw["state_dict"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    torch.save({"state_dict": judge.state_dict()}, tmp_path / "fp32.pt")
+    assert path.stat().st_size < 0.6 * (tmp_path / "fp32.pt").stat().st_size
+    loaded, info = shapes_judge.load_judge(path)
+    assert info == {"format": shapes_judge.JUDGE_FORMAT, "fresh_accuracy": acc, "pixels": 32,
+                    "images": 64, "steps": 3, "seed": 0}
+    # train_judge already rounds to the saved float16 weights: the loaded judge is that network
+    x, _ = shapes_judge.draw_pictures(20, seed=9)
+    with torch.no_grad():
+        for a, logits in loaded(x).items():
+            assert torch.equal(logits, judge(x)[a])
+    x_new, y_new = shapes_judge.draw_pictures(64, seed=2)  # train_judge's fresh pictures
+    assert acc == shapes_judge.accuracy(shapes_judge.predict(loaded, x_new), y_new)
+
+
+def test_foreign_or_missing_judge_files_name_the_fix(tmp_path):
+    torch.save({"format": "something else", "state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(shapes_judge.JudgeError,
+                       match=r"judge .*other.pt does not hold this judge's weights \(format "
+                             r"'something else'.*rebuild it with: python bench/shapes_judge.py "
+                             r"--train --judge .*other.pt$"):
+        shapes_judge.load_judge(tmp_path / "other.pt")
+    with pytest.raises(shapes_judge.JudgeError, match=r"judge not found: .*gone.pt; delete"):
+        shapes_judge.load_judge(tmp_path / "gone.pt", "delete it")
+    assert shapes_judge.rebuild_command(shapes_judge.SHIPPED) == \
+        "python bench/shapes_judge.py --train"
+
+
+def test_judge_input_reads_pixels_like_the_files():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    x = torch.from_numpy(big).permute(0, 3, 1, 2).float() / 127.5 - 1
+    expected = torch.stack([shapes_judge.to_tensor(Image.fromarray(p)) for p in big])
+    assert torch.equal(shapes_judge.judge_input(x), expected)
+    small = x[:, :, :32, :32]
+    assert torch.equal(shapes_judge.judge_input(small), small)
+
+
+def test_metrics_entry_mean_of_the_five_and_no_nan():
+    scores = {"shape": 0.5, "colour": 1.0, "size": float("nan"), "pos": 0.25, "bg": 0.25,
+              "shape+colour": 0.5}
+    assert shapes_judge.metrics_entry(scores, 8) == {"shape": 0.5, "colour": 1.0, "size": None,
+                                                     "pos": 0.25, "bg": 0.25, "mean": 0.5,
+                                                     "images": 8}
+    chance = shapes_judge.metrics_entry(shapes_judge.chance())
+    assert chance["mean"] == pytest.approx((1 / 6 + 1 / 6 + 1 / 3 + 1 / 5 + 1 / 5) / 5)
+    assert "images" not in chance
+
+
+def test_command_line_train_only_and_nothing_to_do(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("judge_cli", ROOT / "bench" / "shapes_judge.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    judge = tmp_path / "sub" / "judge.pt"
+    assert cli.main(["--train", "--judge", str(judge), "--images", "40", "--steps", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"saved {judge}"
+    assert shapes_judge.load_judge(judge)[1]["steps"] == 2
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err == \
+        "error: nothing to do: give --path RUN (repeatable) and/or --train\n"

@@ -77,3 +77,37 @@ def test_is_from_a_one_pass_fid_file(tmp_path):
     assert "| FID | 3.000 |" in text
     assert "| Inception Score | 1.50 ± 0.50 |" in text
     assert report.FID_HINT not in text
+
+
+def test_independent_scorer_and_judge_rows(tmp_path):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    judge = {"shape": 0.511, "colour": 0.994, "size": 0.459, "pos": 0.199, "bg": 0.257,
+             "mean": 0.484, "images": 2000, "weights": "assets/shapes_judge.pt"}
+    real = {"shape": 1.0, "colour": 1.0, "size": 0.995, "pos": 1.0, "bg": None, "mean": 0.99875,
+            "images": 200}
+    chance = {"shape": 1 / 6, "colour": 1 / 6, "size": 1 / 3, "pos": 0.2, "bg": 0.2,
+              "mean": 0.2133333}
+    metrics = {"images": 2000, "clip_score": 92.19, "r_precision": 0.994, "r_precision_std": 0.007,
+               "negatives": 99,
+               "independent": {"encoder": "ViT-B/32", "pretrained": "openai", "r_precision": 0.4525,
+                               "r_precision_std": 0.0312, "clip_score": 24.5},
+               "judge": judge, "judge_real": real, "judge_chance": chance}
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    text = report.build_report(tmp_path / "s1", tmp_path / "s2", tmp_path / "out",
+                               metrics_file=tmp_path / "m.json").read_text()
+    assert "| R-precision, independent scorer `ViT-B/32` | 45.25 ± 3.12 % |" in text
+    assert "| CLIP score, independent scorer `ViT-B/32` | 24.50 |" in text
+    lines = text.splitlines()
+    header = lines.index("| images | shape | colour | size | position | background | mean |")
+    assert lines[header + 1] == "| --- | --- | --- | --- | --- | --- | --- |"
+    assert lines[header + 2:header + 5] == [
+        "| generated (2000) | 51.1 | 99.4 | 45.9 | 19.9 | 25.7 | 48.4 |",
+        "| real test pictures (200) | 100.0 | 100.0 | 99.5 | 100.0 | – | 99.9 |",
+        "| chance | 16.7 | 16.7 | 33.3 | 20.0 | 20.0 | 21.3 |"]
+    # without those entries: neither the rows nor the judge table
+    del metrics["independent"], metrics["judge"]
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    text = report.build_report(tmp_path / "s1", tmp_path / "s2", tmp_path / "out",
+                               metrics_file=tmp_path / "m.json").read_text()
+    assert "independent scorer" not in text and "Shapes judge" not in text
