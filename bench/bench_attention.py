@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--encoder", default="output/shapes_DAMSM/Model",
                         help="stage-1 checkpoint or its Model/ folder (skipped when absent)")
     parser.add_argument("--data", default="data/shapes", help="the shapes set")
-    parser.add_argument("--random", default="ViT-B/32", help="random-init CLIP to measure too ('' = none)")
+    parser.add_argument("--random", default="ViT-B/32",
+                        help="random-init CLIP to measure too ('' = none)")
     parser.add_argument("--images", type=int, default=64)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST, SIZE = 24, 12, 32
 CAPTIONS_PER_IMAGE = 10  # TEXT.CAPTIONS_PER_IMAGE of the shapes configs
