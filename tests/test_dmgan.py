@@ -194,6 +194,10 @@ def test_published_configs_build_256px_networks(name: str) -> None:
     published = {"bird": (10, 5.0, 2, 10), "coco": (16, 50.0, 3, 5)}[name]
     assert (cfg.TRAIN.BATCH_SIZE, cfg.TRAIN.SMOOTH.LAMBDA, cfg.GAN.R_NUM,
             cfg.TEXT.CAPTIONS_PER_IMAGE) == published
+    # lambda was tuned on AttnGAN's code path: dot-product attention, no 1/gamma2; stage 1 too
+    stage1 = load_config(root / "cfg" / "DAMSM" / f"{name}.yml", quiet=True)
+    for c in (cfg, stage1):
+        assert (c.TRAIN.SMOOTH.SIMILARITY, c.TRAIN.SMOOTH.ATTNGAN_SCORE) == ("dot", True)
     assert arch == {"BRANCH_NUM": 3, "BASE_SIZE": 64, "GF_DIM": 64, "DF_DIM": 32, "Z_DIM": 100,
                     "CONDITION_DIM": 100, "R_NUM": published[2], "TEXT_DIM": 512}
     netG = Generator(arch)
