@@ -20,6 +20,29 @@ def shapes_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def coco_dir(tmp_path_factory) -> Path:
+    """8 train / 24 test images in the COCO layout (read-only: copy before damaging it)."""
+    return make_coco_like(tmp_path_factory.mktemp("coco"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_ckpt(tmp_path_factory) -> Path:
+    """A stage-1 encoder checkpoint (tiny CLIP ViT + adapter, seed 0) as pretrain_DAMSM.py
+    writes it: <dir>/Model/clip3.pth."""
+    import torch
+
+    from miscc.utils import atomic_torch_save
+    from model import ClipEncoder, resolve_clip_name
+
+    path = tmp_path_factory.mktemp("encoder") / "Model" / "clip3.pth"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = ClipEncoder(resolve_clip_name("tiny", ""), adapter=True)
+    atomic_torch_save(encoder.checkpoint_state(), path)
+    return path
+
+
 @pytest.fixture
 def shapes_cfg(shapes_dir):
     """A function: overrides -> merged config over cfg/DAMSM/shapes.yml on the tiny set."""
@@ -57,3 +80,48 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     assert a.keys() == b.keys(), f"names differ: {sorted(set(a) ^ set(b))[:5]}"
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def make_coco_like(out: Path, n_train: int = 8, n_test: int = 24, seed: int = 0) -> Path:
+    """A tiny data set in the COCO layout (docs/DESIGN.md §4): `images/<key>.jpg` of three aspect
+    ratios, `text/<key>.txt` with 5 captions, `{train,test}/filenames.pickle`, and no
+    `class_info.pickle`, boxes or `CUB_200_2011/`. Every caption is unique (it names its image's
+    running number and its own index), so a caption's features identify it. The first test
+    image has a sixth caption and an empty line (CAPTIONS_PER_IMAGE=5 keeps five)."""
+    import numpy as np
+
+    from datasets import (
+        BACKGROUNDS,
+        COLOURS,
+        POSITIONS,
+        SHAPES,
+        SIZES,
+        draw_shape_image,
+        write_pickle,
+    )
+
+    rng = np.random.default_rng(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "text").mkdir(exist_ok=True)
+    shapes_of = [SHAPES, list(COLOURS), list(SIZES), list(POSITIONS), list(BACKGROUNDS)]
+    templates = ("a {1} {0} in photo {n}", "photo {n} shows a {2} {1} {0}",
+                 "the {0} of photo {n} is {1}", "in photo {n} a {0} sits in the {3}",
+                 "photo {n}: one {1} {0} on a {4} background", "a sixth caption of photo {n}")
+    aspect = [(48, 36), (36, 48), (40, 40)]
+    number = 0
+    for split, count in (("train", n_train), ("test", n_test)):
+        keys = []
+        for _ in range(count):
+            number += 1
+            key = f"COCO_{split}2014_{number:012d}"
+            pick = [v[int(rng.integers(len(v)))] for v in shapes_of]
+            img = draw_shape_image(*pick, px=48).resize(aspect[number % 3])
+            img.save(out / "images" / f"{key}.jpg", quality=95)
+            caps = [t.format(*pick, n=number) for t in templates[:5]]
+            if split == "test" and not keys:
+                caps = [*caps[:2], "", *caps[2:], templates[5].format(*pick, n=number)]
+            (out / "text" / f"{key}.txt").write_text("\n".join(caps) + "\n")
+            keys.append(key)
+        (out / split).mkdir(exist_ok=True)
+        write_pickle(keys, out / split / "filenames.pickle")
+    return out

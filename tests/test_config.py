@@ -25,7 +25,7 @@ def write(tmp_path, text: str):
 
 def test_unknown_key_names_file_key_and_suggestion(tmp_path):
     path = write(tmp_path, "TRAIN:\n  BATCHSIZE: 8\n")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=r"unknown key TRAIN\.BATCHSIZE") as err:
         load_config(path)
     msg = str(err.value)
     assert str(path) in msg
@@ -39,7 +39,7 @@ def test_unknown_section_suggests_by_leaf(tmp_path):
 
 
 def test_wrong_type_says_expected_and_given(tmp_path):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=r"TRAIN\.BATCH_SIZE expects int") as err:
         load_config(write(tmp_path, "TRAIN:\n  BATCH_SIZE: eight\n"))
     msg = str(err.value)
     assert "TRAIN.BATCH_SIZE expects int" in msg and "got str 'eight'" in msg
@@ -137,7 +137,7 @@ def test_default_output_dir_and_flags():
 
 def test_config_error_exits_2_with_one_line(tmp_path, capsys):
     args = build_parser("t").parse_args(["--cfg", str(write(tmp_path, "TRAIN:\n  LR: 1\n"))])
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(SystemExit, match=r"^2$") as stop:
         config_from_args(args)
     assert stop.value.code == 2
     assert "config error:" in capsys.readouterr().err
@@ -159,7 +159,7 @@ def test_gpu_without_cuda_is_a_user_error(monkeypatch, capsys):
     from miscc.utils import select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match=r"^2$") as exc:
         select_device(0)
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("error: --gpu 0 was requested but CUDA is not")

@@ -24,6 +24,7 @@ from datasets import (
     build_image_cache,
     check_batch_size,
     crop_box,
+    load_image,
     load_size_for,
     make_shapes_dataset,
     read_split,
@@ -51,8 +52,12 @@ def test_shapes_items_at_every_scale(shapes_cfg, tokenizer):
     torch.manual_seed(0)
     item = ds[3]
     assert [tuple(x.shape) for x in item["imgs"]] == [(1, 3, 16, 16), (1, 3, 32, 32)]
-    for img in item["imgs"]:
-        assert img.min() >= -1.0 and img.max() <= 1.0 and img.std() > 0.05
+    # the largest scale is a 32-px window of the picture as stored at 38 px (76/64), in [-1, 1]
+    stored = torch.from_numpy(load_image(ds.info.image_paths[3], ds.info.boxes[3],
+                                         ds.load_size)).permute(2, 0, 1).float() / 127.5 - 1
+    assert ds.load_size == 38 and item["index"] == 3
+    assert any(torch.equal(item["imgs"][1][0], stored[:, top: top + 32, left: left + 32])
+               for top in range(7) for left in range(7))
     assert item["tokens"].shape == (2, 22)
     first, second = item["cap_idx"].tolist()
     assert first != second
@@ -126,7 +131,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 
 def test_missing_directory_shows_the_layout(shapes_cfg, tmp_path):
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DataError, match="is not a directory") as err:
         read_split(shapes_cfg(data_dir=tmp_path / "nothing"), "train")
     assert "is not a directory" in str(err.value) and "CUB_200_2011/bounding_boxes.txt" in str(
         err.value)

@@ -97,9 +97,9 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
                                     f"missing {sorted(expected_pngs - found)[:3]}")
     metrics = json.loads((s2 / "metrics.json").read_text())
     assert metrics["images"] == len(expected_pngs)
-    assert isinstance(metrics["r_precision"], float) and 0.0 <= metrics["r_precision"] <= 1.0, \
-        metrics
-    assert isinstance(metrics["clip_score"], float) and 0.0 <= metrics["clip_score"] <= 100.0
+    assert isinstance(metrics["r_precision"], float) and len(metrics["folds"]) == 10, metrics
+    assert metrics["r_precision"] == pytest.approx(sum(metrics["folds"]) / 10), metrics
+    assert isinstance(metrics["clip_score"], float), metrics
 
     # 5. FID offline, the Makefile's flags: no weights -> one `error:` message, exit code 2,
     # nothing on stdout (the Makefile then skips FID/IS). --allow-few-images gets past the

@@ -50,7 +50,16 @@ def test_generator_and_discriminator_shapes(branches: int) -> None:
     images, mu, logvar = netG(torch.randn(3, arch["Z_DIM"]), sent, words, mask)
     assert [tuple(x.shape) for x in images] == [(3, 3, 16 * 2**i, 16 * 2**i)
                                                 for i in range(branches)]
-    assert all(x.abs().max() <= 1 for x in images)
+    # each picture is drawn from its own inputs (eval mode: batch norm from running statistics):
+    # an item alone equals it inside the batch, another sentence changes it
+    netG.eval()
+    z, eps = torch.randn(3, arch["Z_DIM"]), torch.randn(3, arch["CONDITION_DIM"])
+    with torch.no_grad():
+        batch = netG(z, sent, words, mask, eps)[0][-1]
+        alone = netG(z[:1], sent[:1], words[:1], mask[:1], eps[:1])[0][-1]
+        other = netG(z[:1], sent[1:2], words[1:2], mask[1:2], eps[:1])[0][-1]
+    torch.testing.assert_close(alone[0], batch[0])
+    assert not torch.allclose(alone, other, atol=1e-3)
     assert mu.shape == logvar.shape == (3, arch["CONDITION_DIM"])
     assert len(netDs) == branches
     for image, netD in zip(images, netDs, strict=True):
@@ -164,7 +173,7 @@ def test_generator_checkpoint_roundtrip_and_mismatch(tmp_path) -> None:
     atomic_torch_save(netG.state_dict(), plain)
     load_generator(Generator(small_arch(2)), plain)
 
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(CheckpointError, match="does not match this architecture") as info:
         load_generator(Generator(small_arch(3)), path)
     message = str(info.value)
     assert "missing keys" in message and "stages.1." in message

@@ -95,7 +95,7 @@ def test_unknown_name_and_failed_download_explain_themselves(monkeypatch):
     with pytest.raises(EncoderLoadError, match="unknown CLIP model 'ViT-Q/99'"):
         resolve_clip_name("ViT-Q/99", "openai")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(EncoderLoadError) as err:
+    with pytest.raises(EncoderLoadError, match="pretrained='openai'") as err:
         ClipEncoder(resolve_clip_name("ViT-B/32", "openai"))
     msg = str(err.value)
     assert "'ViT-B-32'" in msg and "pretrained='openai'" in msg

@@ -562,7 +562,7 @@ def test_full_fp32_turns_tf32_off_and_restores():
                 assert _tf32_flags() == off
             assert _tf32_flags() == before
         _set_tf32_flags(on)
-        with pytest.raises(KeyError), full_fp32():
+        with pytest.raises(KeyError, match="boom"), full_fp32():
             assert _tf32_flags() == off
             raise KeyError("boom")
         assert _tf32_flags() == on

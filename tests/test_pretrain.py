@@ -258,7 +258,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: DATA_DIR") and str(tmp_path / "missing") in err.splitlines()[0]
     assert "Traceback" not in err and not (tmp_path / "out" / "Model").exists()
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit, match=r"^2$") as exit_info:
         cli.main([*base, "--set", "TRAIN.BATCHSIZE=4"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err

@@ -36,7 +36,8 @@ def test_report_from_stage_outputs(tmp_path):
     assert report.FID_HINT in text  # no FID/IS results: the line saying how to enable them
     for name in ("stage1_losses.png", "stage2_losses.png", "samples.png", "attention.png"):
         assert f"]({name})" in text
-        assert Image.open(out / name).size[0] > 0
+        with Image.open(out / name) as img:
+            assert img.format == "PNG", name
     assert Image.open(out / "samples.png").getpixel((0, 0)) == (200, 10, 10)
 
 
