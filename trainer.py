@@ -88,9 +88,6 @@ class GANTrainer(EpochTrainer):
         init_gan_weights(netDs)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         netG, netDs = netG.to(device, memory_format=fmt), netDs.to(device, memory_format=fmt)
-        if cfg.TRAIN.NET_G:  # start from given generator weights (a fresh run only)
-            load_generator(netG, resolve_checkpoint(cfg.TRAIN.NET_G, "netG_epoch_*.pth",
-                                                    "generator checkpoint", "TRAIN.NET_G"))
         self.ema = copy.deepcopy(netG).eval().requires_grad_(False)
         betas = (0.5, 0.999)
         fused = fused_options(device)
@@ -106,7 +103,8 @@ class GANTrainer(EpochTrainer):
             netDs = [DistributedDataParallel(d, device_ids=ids) for d in netDs]
         self.netG, self.netDs = netG, list(netDs)
         self.noise = torch.Generator().manual_seed(int(cfg.SEED) * 7919 + rank)
-        self._resume()
+        if not self._resume() and cfg.TRAIN.NET_G:
+            self._warm_start(cfg.TRAIN.NET_G)
         self._setup_samples(tokenizer)
 
     # ------------------------------------------------------------------ setup helpers
@@ -151,10 +149,19 @@ class GANTrainer(EpochTrainer):
         atomic_torch_save(generator_checkpoint(self.ema), self.model_dir / name)
         save_resume_state(self.model_dir, self._state(), self.step)
 
-    def _resume(self) -> None:
+    def _warm_start(self, net_g: str) -> None:
+        """A fresh run starts G (and its EMA) from the generator of TRAIN.NET_G; a resumed run
+        never reads it (the file may be gone by then)."""
+        path = resolve_checkpoint(net_g, "netG_epoch_*.pth", "generator checkpoint",
+                                  "TRAIN.NET_G")
+        load_generator(unwrap(self.netG), path)
+        self.ema.load_state_dict(unwrap(self.netG).state_dict())
+
+    def _resume(self) -> bool:
+        """Restore the newest resume state of Model/, if any; returns whether one was found."""
         found = load_resume_state(self.model_dir, STATE_FORMAT, "stage-2 training state")
         if found is None:
-            return
+            return False
         path, state = found
         load_state_strict(unwrap(self.netG), state["netG"], f"generator in {path}")
         load_state_strict(self.ema, state["ema"], f"EMA generator in {path}")
@@ -168,6 +175,7 @@ class GANTrainer(EpochTrainer):
         self.scaler.load_state_dict(state["scaler"])
         self.noise.set_state(state["noise"])
         self._restore_progress(path, state)
+        return True
 
     # ----------------------------------------------------------------------- one step
     def _text(self, batch: dict) -> tuple:

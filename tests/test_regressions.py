@@ -306,6 +306,11 @@ def test_warm_start_from_net_g_for_a_fresh_run_only(gan_cfg, tmp_path) -> None:
     resumed = GANTrainer(gan_cfg(f"TRAIN.NET_G={model / 'netG_epoch_7.pth'}",
                                  "TRAIN.MAX_STEPS=2"), CPU, progress=False)
     assert resumed.step == 1 and not _differ(unwrap(resumed.netG), trained)
+    # a resume never reads TRAIN.NET_G: the warm-start file may be gone by then
+    shutil.rmtree(model)
+    again = GANTrainer(gan_cfg(f"TRAIN.NET_G={model}", "TRAIN.MAX_STEPS=2"), CPU,
+                       progress=False)
+    assert again.step == 1 and not _differ(unwrap(again.netG), trained)
 
 
 def test_stage1_one_cycle_learning_rates_per_group(shapes_cfg, tmp_path) -> None:
