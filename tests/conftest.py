@@ -12,6 +12,18 @@ from miscc.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny networks run fastest (and never oversubscribe 2 cores) on one thread; a module opts
+    in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """24 train / 12 test shapes pictures of 32 px (read-only: copy before damaging it)."""

@@ -37,12 +37,7 @@ WHERE = {"top left": (0.33, 0.33), "top right": (0.67, 0.33), "bottom left": (0.
          "bottom right": (0.67, 0.67), "center": (0.5, 0.5)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def as_model_input(pixels: np.ndarray) -> torch.Tensor:

@@ -47,12 +47,7 @@ STAGE2 = [*GAN_TINY, "TRAIN.BATCH_SIZE=3", "TRAIN.MAX_EPOCH=1"]  # 24 / 2 / 3 = 
 SEED = 100  # the configs' (default) SEED
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

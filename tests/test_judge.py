@@ -24,14 +24,7 @@ from datasets import (
 )
 from miscc import judge as shapes_judge
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The judge's small convolutions run fastest on one thread of a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_first_caption_gives_back_every_attribute():
