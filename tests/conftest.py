@@ -10,6 +10,10 @@ from datasets import make_shapes_dataset
 from miscc.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# a tiny stage-2 run on the shapes fixture: 16/32 px, narrow networks, 24 / 4 = 6 steps an epoch
+GAN_TINY = ["GPU_ID=-1", "WORKERS=0", "TREE.BRANCH_NUM=2", "TREE.BASE_SIZE=16", "GAN.GF_DIM=8",
+            "GAN.DF_DIM=8", "GAN.Z_DIM=16", "GAN.CONDITION_DIM=8", "GAN.R_NUM=1",
+            "TRAIN.BATCH_SIZE=4", "TRAIN.MAX_EPOCH=3", "TRAIN.SNAPSHOT_INTERVAL=1"]
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import GAN_TINY
 from easydict import EasyDict
 from PIL import Image
 from torch import nn
@@ -32,9 +33,6 @@ from trainer import GANTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-GAN_TINY = ["GPU_ID=-1", "WORKERS=0", "TREE.BRANCH_NUM=2", "TREE.BASE_SIZE=16", "GAN.GF_DIM=8",
-            "GAN.DF_DIM=8", "GAN.Z_DIM=16", "GAN.CONDITION_DIM=8", "GAN.R_NUM=1",
-            "TRAIN.BATCH_SIZE=4", "TRAIN.MAX_EPOCH=3", "TRAIN.SNAPSHOT_INTERVAL=1"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

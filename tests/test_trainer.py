@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_tensors, flat_tensors
+from conftest import GAN_TINY, assert_same_tensors, flat_tensors
 
 import main as main_cli
 import r_precision as r_precision_cli
@@ -32,9 +32,7 @@ from trainer import GANTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-TINY = ["GPU_ID=-1", "WORKERS=0", "TREE.BRANCH_NUM=2", "TREE.BASE_SIZE=16", "GAN.GF_DIM=8",
-        "GAN.DF_DIM=8", "GAN.Z_DIM=16", "GAN.CONDITION_DIM=8", "GAN.R_NUM=1",
-        "TRAIN.BATCH_SIZE=4", "TRAIN.MAX_EPOCH=3", "TRAIN.SNAPSHOT_INTERVAL=1"]
+TINY = GAN_TINY
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
