@@ -287,13 +287,17 @@ def test_memory_write_gate_reads_a_detached_image_feature() -> None:
 def test_memory_addressing_is_a_raw_dot_product() -> None:
     """Key addressing: softmax over the real words of keys · image features, unscaled."""
     torch.manual_seed(1)
-    stage = Generator(small_arch(2)).stages[0]
-    h = torch.randn(1, 8, 4, 4)
-    words, _, mask = text_inputs(1)
+    netG = Generator(small_arch(2))
+    init_gan_weights(netG)
+    stage = netG.stages[0]
+    h = 3 * torch.randn(3, 8, 4, 4)
+    words, _, mask = text_inputs(3)  # item 2 has three real words
     _, attn = stage.memory(h, words, mask)
-    r_avg = h.mean(dim=(2, 3))
-    g = torch.sigmoid(stage.gate_word(words[0]) + stage.gate_img(r_avg))
-    mem = stage.mem_word(words[0]) * g + stage.mem_img(r_avg) * (1 - g)
-    keys = stage.key(mem)[mask[0]]                                   # real words only
-    expected = torch.softmax(keys @ h[0].flatten(1), dim=0)          # over words
-    torch.testing.assert_close(attn[0][mask[0]], expected)
+    real = attn[2][mask[2]]
+    assert (real.max(0).values - real.min(0).values).max() > 0.5  # far from uniform: scale shows
+    r_avg = h[2:].mean(dim=(2, 3))
+    g = torch.sigmoid(stage.gate_word(words[2]) + stage.gate_img(r_avg))
+    mem = stage.mem_word(words[2]) * g + stage.mem_img(r_avg) * (1 - g)
+    keys = stage.key(mem)[mask[2]]                                   # real words only
+    expected = torch.softmax(keys @ h[2].flatten(1), dim=0)          # over words
+    torch.testing.assert_close(real, expected)
