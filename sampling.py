@@ -99,9 +99,10 @@ def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict 
             Image.fromarray(pic).save(path)
         # score exactly what was saved (the 8-bit PNG), as r_precision.py reads it back
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        codes.append(encoder.encode_image(x.to(device))[1].float().cpu())
+        x_dev = x.to(device)
+        codes.append(encoder.encode_image(x_dev)[1].float().cpu())
         if other is not None:
-            other_codes.append(other.encode_image(x.to(device))[1].float().cpu())
+            other_codes.append(other.encode_image(x_dev)[1].float().cpu())
         if judge is not None:
             preds.append(judge.predict(x))
     codes_t = torch.cat(codes) if codes else torch.zeros(0, encoder.embed_dim)

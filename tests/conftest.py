@@ -59,6 +59,16 @@ def tiny_encoder_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def data_dir(shapes_dir, tmp_path_factory) -> Path:
+    """A module's private copy of the tiny shapes set (stage 2 writes its caches into it)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    shutil.copytree(shapes_dir, out)
+    return out
+
+
 @pytest.fixture
 def shapes_cfg(shapes_dir):
     """A function: overrides -> merged config over cfg/DAMSM/shapes.yml on the tiny set."""

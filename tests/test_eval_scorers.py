@@ -5,7 +5,6 @@ metrics.json, from `sampling.generate_test_set` and from `r_precision.py` scorin
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +79,6 @@ def test_score_generated_forms_its_folds_from_the_seed():
 
 
 # ------------------------------------------------------------------- fixtures: a tiny run
-@pytest.fixture(scope="module")
-def data_dir(shapes_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "shapes"
-    shutil.copytree(shapes_dir, out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory) -> dict[str, Path]:
     """Two tiny stage-1 checkpoints of different random weights: the training encoder and the

@@ -38,14 +38,6 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data_dir(shapes_dir, tmp_path_factory) -> Path:
-    """A private copy of the tiny shapes set (stage 2 writes its text cache into it)."""
-    out = tmp_path_factory.mktemp("data") / "shapes"
-    shutil.copytree(shapes_dir, out)
-    return out
-
-
 @pytest.fixture
 def gan_cfg(data_dir, tiny_encoder_ckpt, tmp_path):
     def make(*overrides: str):

@@ -48,14 +48,6 @@ def encoder_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def data_dir(shapes_dir, tmp_path_factory) -> Path:
-    """A private copy of the tiny shapes set (the caches are written into it)."""
-    out = tmp_path_factory.mktemp("data") / "shapes"
-    shutil.copytree(shapes_dir, out)
-    return out
-
-
 @pytest.fixture
 def gan_cfg(data_dir, encoder_ckpt, tmp_path):
     """overrides -> tiny stage-2 config (cfg/clip_shapes_DMGAN.yml + TINY) writing to tmp."""
