@@ -312,33 +312,23 @@ def open_image_cache(cfg, split: str, size: int, keys: list[str]) -> tuple[np.nd
 
 
 # ------------------------------------------------------------------------------- dataset
-class TextImageDataset(Dataset):
-    """One item per image: random crops at every scale (`views` of them) + two captions.
+class CroppedImages(Dataset):
+    """The image half of a dataset: decode (or read from the cache), skip and count unreadable
+    images, and cut random (train) or centre crops at every size in `sizes`, in [-1, 1].
 
-    Item: imgs — list over `sizes` of float tensors [views, 3, s, s] in [-1, 1] (all scales of
-    one view come from the same crop/flip); tokens [2, L]; cap_idx [2]; class_id; key; index.
-    Training items take a random crop/flip and two different random captions; evaluation
-    items (train=False) the centre crop and captions (0, 1).
+    Subclasses set what each item adds (captions for `TextImageDataset`; nothing for the
+    caption-free tokenizer data of `clipgen/data.py`).
     """
 
-    def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
-                 views: int = 1, train: bool = True, use_cache: bool = True) -> None:
-        self.info = read_split(cfg, split)
+    def __init__(self, keys: list[str], paths: list[Path], boxes: list, split: str,
+                 sizes: list[int], views: int = 1, train: bool = True, flip: bool = True,
+                 cache: np.ndarray | None = None, bad: set[str] | None = None) -> None:
+        self.keys, self.image_paths, self.boxes = keys, paths, boxes
         self.split, self.sizes, self.views, self.train = split, sorted(sizes), views, train
         self.crop = max(sizes)
         self.load_size = load_size_for(sizes) if train else self.crop
-        self.flip = train and bool(cfg.TRAIN.FLIP)
-        self.keys, self.class_ids = self.info.keys, torch.tensor(self.info.class_ids)
-        per_image = int(cfg.TEXT.CAPTIONS_PER_IMAGE)
-        self.num_captions = torch.tensor([len(c) for c in self.info.captions])
-        self.tokens = torch.zeros(len(self.keys), per_image, tokenizer.context, dtype=torch.long)
-        for i, caps in enumerate(self.info.captions):
-            self.tokens[i, : len(caps)] = tokenizer(caps)
-        self.truncated = tokenizer.truncated
-        self.cache, self.bad = None, set()
-        if use_cache:
-            with contextlib.suppress(FileNotFoundError):
-                self.cache, self.bad = open_image_cache(cfg, split, self.load_size, self.keys)
+        self.flip = train and flip
+        self.cache, self.bad = cache, bad or set()
         self._failures: set[int] = set()
 
     def __len__(self) -> int:
@@ -347,7 +337,7 @@ class TextImageDataset(Dataset):
     def _pixels(self, index: int) -> np.ndarray:
         if self.cache is not None:
             return np.array(self.cache[index])  # copy out of the read-only memory map
-        return load_image(self.info.image_paths[index], self.info.boxes[index], self.load_size)
+        return load_image(self.image_paths[index], self.boxes[index], self.load_size)
 
     def _usable(self, index: int) -> tuple[int, np.ndarray]:
         """Pixels of `index`, or of the next readable image (unreadable ones are counted)."""
@@ -359,7 +349,7 @@ class TextImageDataset(Dataset):
                 return i, self._pixels(i)
             except (OSError, ValueError, SyntaxError) as err:
                 self._failures.add(i)
-                warnings.warn(f"unreadable image skipped: {self.info.image_paths[i]} ({err})",
+                warnings.warn(f"unreadable image skipped: {self.image_paths[i]} ({err})",
                               stacklevel=2)
                 limit = max(2, int(MAX_BAD_FRACTION * len(self)))
                 if len(self._failures) + len(self.bad) > limit:
@@ -395,6 +385,39 @@ class TextImageDataset(Dataset):
             out.append((img / 127.5 - 1.0).clamp_(-1.0, 1.0))
         return out
 
+    def views_of(self, index: int) -> tuple[int, list[torch.Tensor]]:
+        """(the index actually read, per size a [views, 3, s, s] tensor) for item `index`."""
+        index, pixels = self._usable(index)
+        chw = torch.from_numpy(pixels).permute(2, 0, 1)
+        views = [self._view(chw) for _ in range(self.views)]
+        return index, [torch.stack([v[s] for v in views]) for s in range(len(self.sizes))]
+
+
+class TextImageDataset(CroppedImages):
+    """One item per image: random crops at every scale (`views` of them) + two captions.
+
+    Item: imgs — list over `sizes` of float tensors [views, 3, s, s] in [-1, 1] (all scales of
+    one view come from the same crop/flip); tokens [2, L]; cap_idx [2]; class_id; key; index.
+    Training items take a random crop/flip and two different random captions; evaluation
+    items (train=False) the centre crop and captions (0, 1).
+    """
+
+    def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
+                 views: int = 1, train: bool = True, use_cache: bool = True) -> None:
+        self.info = read_split(cfg, split)
+        super().__init__(self.info.keys, self.info.image_paths, self.info.boxes, split, sizes,
+                         views, train, bool(cfg.TRAIN.FLIP))
+        self.class_ids = torch.tensor(self.info.class_ids)
+        per_image = int(cfg.TEXT.CAPTIONS_PER_IMAGE)
+        self.num_captions = torch.tensor([len(c) for c in self.info.captions])
+        self.tokens = torch.zeros(len(self.keys), per_image, tokenizer.context, dtype=torch.long)
+        for i, caps in enumerate(self.info.captions):
+            self.tokens[i, : len(caps)] = tokenizer(caps)
+        self.truncated = tokenizer.truncated
+        if use_cache:
+            with contextlib.suppress(FileNotFoundError):
+                self.cache, self.bad = open_image_cache(cfg, split, self.load_size, self.keys)
+
     def _caption_pair(self, index: int) -> torch.Tensor:
         n = int(self.num_captions[index])
         if n == 1:
@@ -406,10 +429,7 @@ class TextImageDataset(Dataset):
         return torch.tensor([first, second])
 
     def __getitem__(self, index: int) -> dict:
-        index, pixels = self._usable(index)
-        chw = torch.from_numpy(pixels).permute(2, 0, 1)
-        views = [self._view(chw) for _ in range(self.views)]
-        imgs = [torch.stack([v[s] for v in views]) for s in range(len(self.sizes))]
+        index, imgs = self.views_of(index)
         cap_idx = self._caption_pair(index)
         return {
             "imgs": imgs,

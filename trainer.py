@@ -29,6 +29,7 @@ from miscc.losses import (
 )
 from miscc.training import (
     EpochTrainer,
+    check_replicas,
     damsm_class_ids,
     finite_stats,
     fused_options,
@@ -41,7 +42,6 @@ from miscc.training import (
 from miscc.utils import (
     CheckpointError,
     atomic_torch_save,
-    barrier,
     load_state_strict,
     rng_state,
 )
@@ -316,14 +316,4 @@ class GANTrainer(EpochTrainer):
         self._check_replicas()
 
     def _check_replicas(self) -> None:
-        """Under torchrun, fail loudly if the processes' weights have drifted apart."""
-        barrier()
-        if self.world <= 1:
-            return
-        nets = [unwrap(self.netG), *[unwrap(d) for d in self.netDs]]
-        total = torch.stack([p.detach().double().sum() for n in nets for p in n.parameters()])
-        gathered = [torch.zeros_like(total) for _ in range(self.world)]
-        torch.distributed.all_gather(gathered, total)
-        if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
-            raise RuntimeError("distributed replicas hold different weights after training")
-
+        check_replicas([unwrap(self.netG), *[unwrap(d) for d in self.netDs]], self.world)

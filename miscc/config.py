@@ -98,6 +98,36 @@ def default_config() -> EasyDict:
                 "PRETRAINED": "openai",  # open_clip tag, a local weights file, or '' (random)
                 "ADAPTER": True,  # learnable linear map on region features
             },
+            # CLIP-GEN's image tokenizer (train_vqgan.py; docs/DESIGN.md §13). Its image size
+            # is the largest TREE size (BASE_SIZE · 2^(BRANCH_NUM-1)): the VQGAN configs set
+            # BRANCH_NUM 1, so every metric script reads their images like a generator's.
+            "VQGAN": {
+                "CH": 128,  # width of the first level; level i has CH · CH_MULT[i] channels
+                "CH_MULT": [1, 1, 2, 2, 4],  # one down-sampling between consecutive levels
+                "NUM_RES_BLOCKS": 2,  # encoder blocks per level (the decoder has one more)
+                "ATTN_RESOLUTIONS": [16],  # feature-map sides that get self-attention
+                "Z_CHANNELS": 256,
+                "DROPOUT": 0.0,
+                "N_EMBED": 16384,  # codebook size
+                "EMBED_DIM": 256,  # code vector width
+                "BETA": 0.25,  # commitment weight: ‖sg(z) − e‖² + β‖z − sg(e)‖²
+                "L2_NORM": True,  # codes and encoder outputs on the unit sphere
+                "INIT_FROM_DATA": True,  # codebook = encoder outputs of the first batch
+                "RESTART_DEAD": True,  # re-seed codes unused for RESTART_EVERY steps
+                "RESTART_EVERY": 100,
+                "LR": 1e-4,  # Adam (0.5, 0.9) for the autoencoder and the discriminator
+                "CODEBOOK_WEIGHT": 1.0,
+                "PERCEPTUAL_WEIGHT": 1.0,  # LPIPS (VGG16); 0 = off (no VGG weights needed)
+                "VGG_WEIGHTS": "",  # '' = torch hub cache (vgg16-397923af.pth)
+                "DISC_WEIGHT": 0.8,  # 0 = no adversarial term (no discriminator built)
+                "DISC_START": 250001,  # steps before the adversarial terms switch on
+                "DISC_LAYERS": 3,
+                "DISC_CH": 64,
+                "VAL_IMAGES": 512,  # test images reconstructed after each epoch (0 = all)
+                "NET": "",  # a vqgan*.pth (or its Model/ folder) for --eval; '' = this run's
+                "TEST_DIR": "",  # folder data: a folder of test images ('' = held-out share)
+                "HOLDOUT": 0.01,  # folder data without TEST_DIR: share held out for testing
+            },
             "EVAL": {
                 # a second scorer beside TRAIN.NET_E: '' = none; a CLIP name (ViT-B/32, with
                 # INDEPENDENT_PRETRAINED weights), a stage-1 clip*.pth (or its Model/ folder),
@@ -202,6 +232,12 @@ def _check_type(path: str, default: Any, value: Any, source: str) -> Any:
             return value
         if value is None:
             return ""
+    elif isinstance(default, list):  # lists of ints (channel multipliers, resolutions)
+        items = value if isinstance(value, list) else [value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            return list(items)
+        raise ConfigError(f"{source}: {path} expects a list of integers (default {default!r}), "
+                          f"got {value!r}")
     else:  # pragma: no cover - defaults only hold the types above
         return value
     raise ConfigError(

@@ -94,3 +94,20 @@ def save_attention_maps(images: torch.Tensor, words: list[list[str]], attn: torc
         sheet.paste(picture, (0, y))
         y += picture.height
     return _save_png(sheet, path)
+
+
+def rows_picture(rows: list[torch.Tensor], cell: int = 64) -> Image.Image:
+    """Batches of equal size (each [B, 3, H, W] in [-1, 1]) as the rows of one picture, every
+    image resized (nearest) to `cell` pixels: e.g. inputs above their reconstructions."""
+    cols = len(rows[0])
+    sheet = Image.new("RGB", (cols * cell, len(rows) * cell), "white")
+    for r, batch in enumerate(rows):
+        for c, img in enumerate(to_uint8(batch)):
+            sheet.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST),
+                        (c * cell, r * cell))
+    return sheet
+
+
+def save_rows(rows: list[torch.Tensor], path: str | Path, cell: int = 64) -> Path:
+    """Write `rows_picture` as a PNG (atomically)."""
+    return _save_png(rows_picture(rows, cell), path)

@@ -185,6 +185,19 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+def check_replicas(nets: Iterable[nn.Module], world: int) -> None:
+    """Under torchrun, fail loudly if the processes' weights have drifted apart (a collective:
+    every rank calls it)."""
+    barrier()
+    if world <= 1:
+        return
+    total = torch.stack([p.detach().double().sum() for n in nets for p in n.parameters()])
+    gathered = [torch.zeros_like(total) for _ in range(world)]
+    torch.distributed.all_gather(gathered, total)
+    if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RuntimeError("distributed replicas hold different weights after training")
+
+
 # ------------------------------------------------------------------- run folders, states
 def remove_old_run(model_dir: Path, patterns: Iterable[str], folders: Iterable[Path]) -> int:
     """`--fresh`: delete the checkpoints matching `patterns` in `model_dir` and the `folders`;
