@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         from clipgen.vq_trainer import VQGANTrainer, evaluate_tokenizer
 
         if args.eval:
-            evaluate_tokenizer(cfg, device, progress=not args.no_progress)
+            evaluate_tokenizer(cfg, device, progress=not args.no_progress,
+                               cfg_file=args.cfg_file)
             return
         trainer = VQGANTrainer(cfg, device, rank, world, fresh=args.fresh,
                                progress=not args.no_progress)
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: epoch {summary['epoch']}, step {summary['step']}; tokenizer "
                   f"checkpoints in {trainer.model_dir}")
         evaluate_tokenizer(cfg, device, trainer.vq, progress=not args.no_progress,
-                           checkpoint=str(trainer.model_dir))
+                           checkpoint=f"{trainer.model_dir} (step {summary['step']})",
+                           cfg_file=args.cfg_file)
 
     return run_command(body, (*USER_ERRORS, WeightsError))
 

@@ -131,7 +131,8 @@ def save_recon_grid(x: torch.Tensor, xrec: torch.Tensor, path: Path, cell: int =
 
 
 def evaluate_tokenizer(cfg, device: torch.device, vq: VQModel | None = None,
-                       checkpoint: str = "", progress: bool = True) -> dict | None:
+                       checkpoint: str = "", progress: bool = True,
+                       cfg_file: str | None = None) -> dict | None:
     """The evaluation of docs/DESIGN.md §13: reconstruct the whole test split into
     `<OUTPUT_DIR>/valid/single/<key>.png` (what fid_score.py reads for rFID; folder data also
     get the input crops in `valid/real/`) and write `<OUTPUT_DIR>/metrics.json`; rank 0
@@ -156,7 +157,7 @@ def evaluate_tokenizer(cfg, device: torch.device, vq: VQModel | None = None,
     metrics = Path(cfg.OUTPUT_DIR) / "metrics.json"
     atomic_write_bytes(metrics, json.dumps(result, indent=2).encode())
     rfid = (f"python fid_score.py --path {out / 'single'} {real}" if real else
-            "python fid_score.py --cfg <this config>")
+            f"python fid_score.py --cfg {cfg_file or '<this config>'}")
     print(f"test split: L1 {result['l1']:.4f}, PSNR {result['psnr']:.2f} dB, codebook usage "
           f"{result['codebook_usage']:.1%} ({result['codes_used']}/{vq.arch.n_embed}) over "
           f"{result['images']} images\nwrote the reconstructions to {out / 'single'} and "

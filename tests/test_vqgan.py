@@ -382,3 +382,11 @@ def test_two_process_run_keeps_replicas_equal(shapes_dir, tmp_path) -> None:
     assert metrics["images"] == 12 and len(list((out / "valid" / "single").rglob("*.png"))) == 12
     state = torch.load(out / "Model" / "state_step_12.pth", weights_only=True)
     assert state["world"] == 2 and state["step"] == 12
+
+
+def test_non_finite_loss_stops_with_the_step(shapes_dir, tmp_path) -> None:
+    code, err = run_cli("--cfg", "cfg/VQGAN/shapes.yml",
+                        *[f"--set={s}" for s in (*VQ_TINY, f"DATA_DIR={shapes_dir}",
+                                                 f"OUTPUT_DIR={tmp_path}", "VQGAN.LR=1e12")])
+    assert code == 3 and err.startswith("error: non-finite loss at step 2 (loss=nan")
+    assert not list((tmp_path / "Model").glob("*.pth"))  # nothing saved after a bad step
