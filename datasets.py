@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from miscc.utils import atomic_write_bytes
+from miscc.utils import atomic_write_bytes, disk_writes
 
 BIRDS_LAYOUT = """\
   <DATA_DIR>/train/filenames.pickle   <DATA_DIR>/test/filenames.pickle
@@ -256,9 +256,14 @@ def load_size_for(sizes: list[int]) -> int:
 
 
 # --------------------------------------------------------------------------------- cache
+def cache_root(cfg) -> Path:
+    """Where the caches of a data set live: CACHE_DIR, or <DATA_DIR>/cache when it is empty."""
+    return Path(cfg.CACHE_DIR) if str(cfg.CACHE_DIR) else Path(cfg.DATA_DIR) / "cache"
+
+
 def cache_paths(cfg, split: str, size: int) -> tuple[Path, Path]:
     """(array file, index file) of the preprocessed image cache for a split at a size."""
-    base = Path(cfg.DATA_DIR) / "cache" / f"{split}_{size}px"
+    base = cache_root(cfg) / f"{split}_{size}px"
     return base.with_suffix(".npy"), base.with_suffix(".json")
 
 
@@ -277,23 +282,25 @@ def build_image_cache(cfg, split: str, size: int, progress: bool = True) -> dict
 
     info = read_split(cfg, split)
     array_path, index_path = cache_paths(cfg, split, size)
-    array_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = array_path.with_name(f".{array_path.name}.tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                    shape=(len(info.keys), size, size, 3))
     bad: list[str] = []
-    for i, (key, path, box) in enumerate(
-        tqdm(list(zip(info.keys, info.image_paths, info.boxes, strict=True)),
-             desc=f"cache {split} {size}px", disable=not progress)
-    ):
-        try:
-            out[i] = load_image(path, box, size)
-        except (OSError, ValueError, SyntaxError) as err:
-            bad.append(key)
-            warnings.warn(f"unreadable image skipped: {path} ({err})", stacklevel=2)
-    out.flush()
-    del out
-    tmp.replace(array_path)
+    needed = len(info.keys) * size * size * 3
+    with disk_writes(array_path, needed, cleanup=[tmp]):  # full disk / read-only: DiskError
+        array_path.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(len(info.keys), size, size, 3))
+        for i, (key, path, box) in enumerate(
+            tqdm(list(zip(info.keys, info.image_paths, info.boxes, strict=True)),
+                 desc=f"cache {split} {size}px", disable=not progress)
+        ):
+            try:
+                out[i] = load_image(path, box, size)
+            except (OSError, ValueError, SyntaxError) as err:
+                bad.append(key)
+                warnings.warn(f"unreadable image skipped: {path} ({err})", stacklevel=2)
+        out.flush()
+        del out
+        tmp.replace(array_path)
     index = {"keys": info.keys, "digest": keys_digest(info.keys), "size": size, "bad": bad}
     atomic_write_bytes(index_path, json.dumps(index).encode())
     return index

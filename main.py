@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from miscc.config import build_parser, config_from_args
 from miscc.training import USER_ERRORS, start_process
-from miscc.utils import is_main_process, run_command
+from miscc.utils import EXIT_INTERRUPTED, is_main_process, run_command
 from trainer import GANTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, pick the mode from TRAIN.FLAG / B_VALIDATION, run it. Exit codes: 0
     done, 2 a config/data/checkpoint/weights problem (an `error:` line on stderr), 3 a
-    non-finite loss."""
+    non-finite loss, 75 stopped by a signal with the resume state saved (re-run to continue)."""
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--fresh", action="store_true",
                         help="start training over (removes this run's checkpoints)")
@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     rank, world, device = start_process(cfg)
 
-    def body() -> None:
+    def body() -> int | None:
         if cfg.TRAIN.FLAG:
             trainer = GANTrainer(cfg, device, rank, world, fresh=args.fresh,
                                  progress=not args.no_progress)
             summary = trainer.train()
+            if summary["interrupted"]:
+                return EXIT_INTERRUPTED
             if is_main_process():
                 print(f"done: epoch {summary['epoch']}, step {summary['step']}; checkpoints in "
                       f"{trainer.model_dir}, sample grids in {trainer.image_dir}")
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if is_main_process():
                 generate_custom(cfg, device, args.captions)
+        return None
 
     return run_command(body, USER_ERRORS)
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 from miscc.config import build_parser, config_from_args
 from miscc.damsm import DAMSMTrainer
 from miscc.training import USER_ERRORS, start_process
-from miscc.utils import is_main_process, run_command
+from miscc.utils import EXIT_INTERRUPTED, is_main_process, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train (or resume), print where the checkpoints are. Exit codes: 0 done,
     2 a config/data/checkpoint/weights problem (an `error:` line on stderr), 3 a non-finite
-    loss."""
+    loss, 75 stopped by a signal with the resume state saved (re-run to continue)."""
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--fresh", action="store_true",
                         help="start over (removes this run's checkpoints, logs and pictures)")
@@ -28,10 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     rank, world, device = start_process(cfg)
 
-    def body() -> None:
+    def body() -> int | None:
         trainer = DAMSMTrainer(cfg, device, rank, world, fresh=args.fresh,
                                progress=not args.no_progress)
         summary = trainer.train()
+        if summary["interrupted"]:
+            return EXIT_INTERRUPTED
         if is_main_process():
             val = summary["val"]
             score = f", val R@1 {val['R1']:.3f}" if val else ""

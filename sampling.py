@@ -12,15 +12,13 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
 from datasets import CaptionTokenizer, DataError, TextImageDataset, image_sizes
 from miscc.judge import EvalJudge
-from miscc.pictures import save_caption_grid, to_uint8
+from miscc.pictures import save_caption_grid, save_png_file, to_uint8
 from miscc.training import resolve_checkpoint
 from miscc.utils import atomic_write_bytes, barrier, is_main_process
 from model import ClipEncoder, Generator, gan_arch, load_generator
@@ -94,9 +92,7 @@ def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict 
         images = netG(z[chunk].to(device), sent, words, mask, eps[chunk].to(device))[0][-1]
         pixels = to_uint8(images)
         for pic, i, k in zip(pixels, idx.tolist(), cap.tolist(), strict=True):
-            path = out_dir / f"{data.keys[i]}_s{k}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pic).save(path)
+            save_png_file(pic, out_dir / f"{data.keys[i]}_s{k}.png")
         # score exactly what was saved (the 8-bit PNG), as r_precision.py reads it back
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x_dev = x.to(device)
@@ -181,8 +177,7 @@ def generate_custom(cfg, device: torch.device, captions: str | None = None) -> l
         batch = torch.cat(images)
         out = Path(cfg.OUTPUT_DIR) / "examples"
         for k, pic in enumerate(to_uint8(batch)):
-            (out / name).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.ascontiguousarray(pic)).save(out / name / f"{k}.png")
+            save_png_file(pic, out / name / f"{k}.png")
         written.append(save_caption_grid(batch, lines, out / f"{name}.png"))
         print(f"{path}: {len(lines)} captions -> {written[-1]}")
     return written

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from datasets import cache_root
 from miscc.config import ConfigError
 from miscc.training import resolve_checkpoint
 from miscc.utils import atomic_write_bytes, barrier, is_main_process
@@ -66,8 +67,8 @@ def encoder_digest(encoder: nn.Module) -> str:
 
 
 def _cache_root(cfg) -> Path:
-    """<DATA_DIR>/cache when writable, else <OUTPUT_DIR>/cache."""
-    root = Path(cfg.DATA_DIR) / "cache"
+    """CACHE_DIR (default <DATA_DIR>/cache) when writable, else <OUTPUT_DIR>/cache."""
+    root = cache_root(cfg)
     with contextlib.suppress(OSError):
         root.mkdir(parents=True, exist_ok=True)
         if os.access(root, os.W_OK):

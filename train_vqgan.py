@@ -17,13 +17,13 @@ from __future__ import annotations
 from clipgen.vq_losses import WeightsError
 from miscc.config import build_parser, config_from_args
 from miscc.training import USER_ERRORS, start_process
-from miscc.utils import run_command
+from miscc.utils import EXIT_INTERRUPTED, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train (or resume) and evaluate, or only evaluate (`--eval`). Exit
     codes: 0 done, 2 a config/data/checkpoint/weights problem (an `error:` line on stderr),
-    3 a non-finite loss."""
+    3 a non-finite loss, 75 stopped by a signal with the resume state saved (re-run to continue)."""
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--fresh", action="store_true",
                         help="start over (removes this run's checkpoints, logs and pictures)")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     rank, world, device = start_process(cfg)
 
-    def body() -> None:
+    def body() -> int | None:
         from clipgen.vq_trainer import VQGANTrainer, evaluate_tokenizer
 
         if args.eval:
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = VQGANTrainer(cfg, device, rank, world, fresh=args.fresh,
                                progress=not args.no_progress)
         summary = trainer.train()
+        if summary["interrupted"]:
+            return EXIT_INTERRUPTED
         if trainer.main:
             print(f"done: epoch {summary['epoch']}, step {summary['step']}; tokenizer "
                   f"checkpoints in {trainer.model_dir}")

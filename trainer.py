@@ -31,11 +31,9 @@ from miscc.training import (
     EpochTrainer,
     check_replicas,
     damsm_class_ids,
-    finite_stats,
     fused_options,
     load_resume_state,
     resolve_checkpoint,
-    save_resume_state,
     seeded_train_loader,
     unwrap,
 )
@@ -147,7 +145,7 @@ class GANTrainer(EpochTrainer):
             return
         name = f"netG_step_{self.step}.pth" if self.in_epoch else f"netG_epoch_{self.epoch}.pth"
         atomic_torch_save(generator_checkpoint(self.ema), self.model_dir / name)
-        save_resume_state(self.model_dir, self._state(), self.step)
+        self.write_state()
 
     def _warm_start(self, net_g: str) -> None:
         """A fresh run starts G (and its EMA) from the generator of TRAIN.NET_G; a resumed run
@@ -257,7 +255,7 @@ class GANTrainer(EpochTrainer):
         self.scaler.step(self.optG)
         self.scaler.update()
         self._update_ema()
-        return finite_stats(values, self.step, self.model_dir)
+        return self.checked(values)
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -31,15 +30,14 @@ from clipgen.vq_losses import (
 )
 from clipgen.vqgan import VQArch, VQModel, check_same_arch, read_arch
 from miscc.config import to_plain
+from miscc.pictures import save_png_file
 from miscc.training import (
     EpochTrainer,
     check_replicas,
-    finite_stats,
     fused_options,
     load_resume_state,
     loader_options,
     resolve_checkpoint,
-    save_resume_state,
     seeded_train_loader,
 )
 from miscc.utils import (
@@ -118,9 +116,7 @@ def _reconstruct_into(vq: VQModel, loader: DataLoader, device: torch.device, sum
 def _write_pngs(pixels: torch.Tensor, keys: list[str], out_dir: Path) -> None:
     array = pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     for pic, key in zip(array, keys, strict=True):
-        path = out_dir / f"{key}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pic).save(path)
+        save_png_file(pic, out_dir / f"{key}.png")
 
 
 def save_recon_grid(x: torch.Tensor, xrec: torch.Tensor, path: Path, cell: int = 64) -> Path:
@@ -230,7 +226,7 @@ class VQGANTrainer(EpochTrainer):
         name = f"vqgan_step_{self.step}.pth" if self.in_epoch else f"vqgan{self.epoch}.pth"
         atomic_torch_save(self.vq.checkpoint_state(epoch=self.epoch, step=self.step),
                           self.model_dir / name)
-        save_resume_state(self.model_dir, self._state(), self.step)
+        self.write_state()
 
     def _resume(self) -> None:
         found = load_resume_state(self.model_dir, STATE_FORMAT, "VQGAN (train_vqgan.py) state")
@@ -279,7 +275,7 @@ class VQGANTrainer(EpochTrainer):
         values = {"loss": loss, "l1": l1, "perceptual": perceptual, "vq": vq_loss,
                   "g_adv": g_adv, "d": d_loss, "adaptive_weight": weight,
                   "perplexity": qstats["perplexity"]}
-        stats = finite_stats(values, self.step, self.model_dir)
+        stats = self.checked(values)
         self.opt_ae.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt_ae)

@@ -30,6 +30,7 @@ def default_config() -> EasyDict:
             "CONFIG_NAME": "",
             "DATASET_NAME": "birds",
             "DATA_DIR": "",
+            "CACHE_DIR": "",  # image/text/FID-statistics caches; '' = <DATA_DIR>/cache
             "OUTPUT_DIR": "",  # '' -> output/<DATASET_NAME>_<CONFIG_NAME>
             "GPU_ID": 0,
             "CUDA": True,
@@ -57,6 +58,11 @@ def default_config() -> EasyDict:
                 "CONTRASTIVE_WEIGHT": 0.2,
                 "TEMPERATURE": 0.5,
                 "EMA_DECAY": 0.999,
+                # preemption (README "Clusters and preemption"): a resume state at least this
+                # often (0 = only at epoch ends and snapshots), and the signals that make a
+                # run finish its step, save a resume state and exit with code 75
+                "STATE_MINUTES": 30.0,
+                "STOP_SIGNALS": "SIGTERM,SIGINT,SIGUSR1",
                 "AMP": True,  # autocast on CUDA (bf16 where supported)
                 "CHANNELS_LAST": True,  # CUDA only
                 "PIN_MEMORY": True,

@@ -27,12 +27,10 @@ from miscc.losses import nt_xent, sent_loss, words_loss
 from miscc.training import (
     EpochTrainer,
     damsm_class_ids,
-    finite_stats,
     fused_options,
     load_resume_state,
     loader_options,
     resolve_checkpoint,
-    save_resume_state,
     seeded_train_loader,
 )
 from miscc.utils import atomic_torch_save, load_state_strict, rng_state
@@ -152,7 +150,7 @@ class DAMSMTrainer(EpochTrainer):
             return
         name = f"encoder_step_{self.step}.pth" if self.in_epoch else f"clip{self.epoch}.pth"
         atomic_torch_save(self.encoder.checkpoint_state(), self.model_dir / name)
-        save_resume_state(self.model_dir, self._state(), self.step)
+        self.write_state()
 
     def _resume(self) -> None:
         found = load_resume_state(self.model_dir, STATE_FORMAT,
@@ -207,8 +205,7 @@ class DAMSMTrainer(EpochTrainer):
         """Forward, finite check (all ranks together), backward, clip, step, schedule."""
         loss, parts = self.losses(batch)
         # one sync: the logged values + the check
-        stats = finite_stats(dict(zip(TRAIN_STATS, parts, strict=True)), self.step,
-                             self.model_dir)
+        stats = self.checked(dict(zip(TRAIN_STATS, parts, strict=True)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)

@@ -68,7 +68,9 @@ def resolve_data(cfg: Any, dims: int, split: str = "test",
         raise MetricsError(f"cannot load the real images: {err}") from err
     except (OSError, ValueError, RuntimeError) as err:  # datasets.DataError is a RuntimeError
         raise MetricsError(f"cannot load the real {split} images: {err}") from err
-    cache = stats_cache_path(cfg.DATA_DIR, str(cfg.DATASET_NAME), split, size, dims)
+    from datasets import cache_root
+
+    cache = stats_cache_path(cache_root(cfg), str(cfg.DATASET_NAME), split, size, dims)
     return DataTarget(gen_dir=gen_dir, real=real, cache_path=cache, size=size,
                       dataset_name=str(cfg.DATASET_NAME))
 

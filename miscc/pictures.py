@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from miscc.utils import atomic_write_bytes
+from miscc.utils import atomic_write_bytes, disk_writes
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -26,6 +26,16 @@ def _save_png(img: Image.Image, path: str | Path) -> Path:
     img.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+def save_png_file(pixels: np.ndarray, path: str | Path) -> Path:
+    """One uint8 [H, W, 3] image as a PNG of an image tree (not atomic: trees hold thousands;
+    a write that fails for space or permission removes its partial file, raises DiskError)."""
+    path = Path(path)
+    with disk_writes(path, pixels.nbytes, cleanup=[path]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+    return path
 
 
 def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4,

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from miscc.features import extract
 from miscc.inception import DIMS_CHOICES, Inception, Log, MetricsError, log_stderr
-from miscc.utils import atomic_write_bytes
+from miscc.utils import DiskError, atomic_write_bytes
 
 STATS_FORMAT = 1
 
@@ -179,10 +179,11 @@ def is_stats_file(path: str | Path) -> bool:
 
 
 # ----------------------------------------------------------------------- real-stats cache
-def stats_cache_path(data_dir: str | Path, dataset_name: str, split: str, size: int,
+def stats_cache_path(cache_dir: str | Path, dataset_name: str, split: str, size: int,
                      dims: int) -> Path:
-    """`<DATA_DIR>/cache/fid_stats_<DATASET_NAME>_<split>_<size>px_<dims>.npz`."""
-    return Path(data_dir) / "cache" / f"fid_stats_{dataset_name}_{split}_{size}px_{dims}.npz"
+    """`<cache_dir>/fid_stats_<DATASET_NAME>_<split>_<size>px_<dims>.npz` (cache_dir: the
+    config's CACHE_DIR, by default `<DATA_DIR>/cache`)."""
+    return Path(cache_dir) / f"fid_stats_{dataset_name}_{split}_{size}px_{dims}.npz"
 
 
 def cached_real_stats(dataset: Dataset, cache_path: str | Path, inception: Inception,
@@ -219,5 +220,9 @@ def cached_real_stats(dataset: Dataset, cache_path: str | Path, inception: Incep
     meta = {"keys_digest": digest, "weights": inception.weights_id,
             "skipped": str(len(feats.skipped)), "source": str(cache_path.stem)}
     stats = statistics(feats.pool, keep_features=need_features, meta=meta)
-    save_stats(cache_path, stats)
+    try:
+        save_stats(cache_path, stats)
+    except DiskError as err:  # a read-only DATA_DIR or a full disk: the numbers still stand
+        log(f"note: the real statistics are not cached ({err}); set CACHE_DIR to a writable "
+            "folder to keep them")
     return stats, False

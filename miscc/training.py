@@ -5,8 +5,13 @@ lookup and resume states, the finite-loss check, `--fresh`, and the epoch/step l
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -111,12 +116,25 @@ class SeededItems(Dataset):
             return self.base[index]
 
 
+def ignore_signals(names: str, worker_id: int = 0) -> None:
+    """A DataLoader worker's `worker_init_fn`: ignore the stop signals (a cluster signals every
+    process of the job; the main process decides when to stop and then ends its workers)."""
+    for sig in parse_signals(names):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def loader_options(cfg, device: torch.device) -> dict[str, Any]:
-    """DataLoader workers, pinned memory (CUDA only) and persistent workers from the config."""
+    """DataLoader workers (which ignore TRAIN.STOP_SIGNALS), pinned memory (CUDA only) and
+    persistent workers from the config."""
     workers = int(cfg.WORKERS)
-    return {"num_workers": workers,
-            "pin_memory": bool(cfg.TRAIN.PIN_MEMORY) and device.type == "cuda",
-            "persistent_workers": bool(cfg.TRAIN.PERSISTENT_WORKERS) and workers > 0}
+    options: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": bool(cfg.TRAIN.PIN_MEMORY) and device.type == "cuda",
+        "persistent_workers": bool(cfg.TRAIN.PERSISTENT_WORKERS) and workers > 0}
+    if workers > 0:
+        options["worker_init_fn"] = functools.partial(ignore_signals,
+                                                      str(cfg.TRAIN.STOP_SIGNALS))
+    return options
 
 
 def seeded_train_loader(dataset: Dataset, batch: int, cfg, device: torch.device, rank: int = 0,
@@ -235,13 +253,65 @@ def save_resume_state(model_dir: Path, state: dict, step: int) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------- preemption
+def parse_signals(names: str) -> list[signal.Signals]:
+    """TRAIN.STOP_SIGNALS ("SIGTERM,SIGINT,SIGUSR1"; "" = none) as signal numbers."""
+    out = []
+    for name in (n.strip().upper() for n in str(names).split(",") if n.strip()):
+        full = name if name.startswith("SIG") else f"SIG{name}"
+        if not hasattr(signal, full) or full in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"TRAIN.STOP_SIGNALS: {name!r} is not a signal this run can "
+                              "catch (e.g. SIGTERM,SIGINT,SIGUSR1)")
+        out.append(signal.Signals(getattr(signal, full)))
+    return out
+
+
+class StopRequest:
+    """While active, the signals of TRAIN.STOP_SIGNALS only set `received` (the first one's
+    name): the loop then finishes the step, writes a resume state and returns. A second signal
+    changes nothing, up to the process's exit (writes are atomic either way). Handlers can only be installed from the
+    main thread; elsewhere (threads in tests) the request stays empty."""
+
+    def __init__(self, names: str) -> None:
+        self.signals = parse_signals(names)
+        self.received: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            print(f"\n{name}: finishing this step, then saving a resume state", file=sys.stderr)
+        else:
+            print(f"{name}: already stopping (the resume state is being written)",
+                  file=sys.stderr)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            # once signalled, ignore the rest up to the exit (SIG_IGN outlives the
+            # interpreter's shutdown, which resets Python-level handlers to the default)
+            signal.signal(sig, handler if self.received is None else signal.SIG_IGN)
+        self._previous.clear()
+
+
 # ------------------------------------------------------------------------------ the loop
 class EpochTrainer:
     """Base of both stages' trainers: output folders, mixed precision, `--fresh`, resume
     counters and the epoch/step loop of `train()`.
 
     A subclass builds its data (`self.sampler`, `self.loader`: `seeded_train_loader`) and
-    models, defines `train_step(batch) -> stats` and fills the `_on_start` / `_after_*` hooks.
+    models, defines `train_step(batch) -> stats` (whose losses go through `self.checked`),
+    `_state() -> dict` (the resume state) and fills the `_on_start` / `_after_*` hooks.
+
+    Preemption (docs/DESIGN.md §10): a stop signal makes the loop finish the step, write a
+    resume state and return with `interrupted` set; a resume state is also written every
+    TRAIN.STATE_MINUTES and at every epoch end that is not a snapshot.
     """
 
     FRESH_PATTERNS: tuple[str, ...] = ()  # checkpoints in Model/ that `--fresh` deletes
@@ -262,6 +332,9 @@ class EpochTrainer:
         self.batch = int(cfg.TRAIN.BATCH_SIZE)
         self.epoch, self.in_epoch, self.step = 0, 0, 0
         self.writer: Any = None  # TensorBoard SummaryWriter while train() runs (rank 0)
+        self.stop = StopRequest(str(cfg.TRAIN.STOP_SIGNALS))
+        self.stopping = False  # every process saw a stop request (agreed in `checked`)
+        self._state_time = time.monotonic()
         if fresh and self.main:
             remove_old_run(self.model_dir, self.FRESH_PATTERNS,
                            [self.out / f for f in self.FRESH_FOLDERS])
@@ -274,6 +347,30 @@ class EpochTrainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.amp, self.amp_dtype)
+
+    def checked(self, values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """`finite_stats` of the step's losses; the same all-reduce carries this process's
+        stop request, so every process learns in the same step whether any was signalled."""
+        flag = torch.tensor(float(self.stop.received is not None), device=self.device)
+        stats = finite_stats({**values, "_stop": flag}, self.step, self.model_dir)
+        self.stopping = stats.pop("_stop") > 0
+        return stats
+
+    def _state(self) -> dict:
+        """The full resume state (models, optimizers, RNG, counters, config)."""
+        raise NotImplementedError
+
+    def write_state(self) -> Path | None:
+        """Write the resume state `state_step_<step>.pth` (rank 0; the newest KEEP_STATES are
+        kept) and restart the TRAIN.STATE_MINUTES clock."""
+        self._state_time = time.monotonic()
+        if not self.main:
+            return None
+        return save_resume_state(self.model_dir, self._state(), self.step)
+
+    def _state_due(self) -> bool:
+        minutes = float(self.cfg.TRAIN.STATE_MINUTES)
+        return minutes > 0 and time.monotonic() - self._state_time >= minutes * 60
 
     def _restore_progress(self, path: Path, state: dict) -> None:
         """Last part of a resume: every RNG, the epoch/step counters, a note on rank 0."""
@@ -321,27 +418,47 @@ class EpochTrainer:
                 self.writer = SummaryWriter(str(self.out / "logs"), purge_step=self.step)
                 self._on_start()
         last: dict[str, float] = {}
+        interrupted = None
+        self._state_time = time.monotonic()
         try:
-            while not done:
-                self.sampler.set_epoch(self.epoch, self.in_epoch)
-                bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{max_epoch}",
-                           total=len(self.loader), disable=not self.progress, leave=False)
-                for batch in bar:
-                    last = self.train_step(batch)
-                    self.step += 1
-                    self.in_epoch += 1
-                    self._after_step(last, bar)
-                    if max_steps > 0 and self.step >= max_steps:
-                        done = True
+            with self.stop:
+                while not done:
+                    self.sampler.set_epoch(self.epoch, self.in_epoch)
+                    bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{max_epoch}",
+                               total=len(self.loader), disable=not self.progress, leave=False)
+                    for batch in bar:
+                        last = self.train_step(batch)
+                        self.step += 1
+                        self.in_epoch += 1
+                        self._after_step(last, bar)
+                        if self.stopping or (max_steps > 0 and self.step >= max_steps):
+                            done = True
+                            break
+                        if self._state_due():
+                            self.write_state()
+                    if self.stopping:  # the epoch's end (if this was its last step) comes
+                        interrupted = self.stop.received or "a signal to another process"
+                        self.write_state()  # after the resume, like every other step
                         break
-                if self.in_epoch >= self.steps_per_epoch:
-                    self.epoch, self.in_epoch = self.epoch + 1, 0
-                    done = done or self.epoch >= max_epoch
-                    self._after_epoch(last, self.epoch % interval == 0 or done)
-                elif done:
-                    self._after_stop(last)
+                    if self.in_epoch >= self.steps_per_epoch:
+                        self.epoch, self.in_epoch = self.epoch + 1, 0
+                        done = done or self.epoch >= max_epoch
+                        snapshot = self.epoch % interval == 0 or done
+                        self._after_epoch(last, snapshot)
+                        if not snapshot:  # a resume state at every epoch end
+                            self.write_state()
+                    elif done:
+                        self._after_stop(last)
         finally:
             if self.writer is not None:
                 self.writer.close()
+        if interrupted:
+            barrier()
+            if self.main:
+                print(f"stopped by {interrupted} after step {self.step}: resume state saved in "
+                      f"{self.model_dir}; run the same command again to continue",
+                      file=sys.stderr)
+            return {"epoch": self.epoch, "step": self.step, "losses": last,
+                    "interrupted": interrupted}
         self._after_training()
-        return {"epoch": self.epoch, "step": self.step, "losses": last}
+        return {"epoch": self.epoch, "step": self.step, "losses": last, "interrupted": None}

@@ -6,13 +6,16 @@ Pictures (image grids, attention maps, loss curves) live in `miscc/pictures.py`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import random
+import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,9 @@ import torch.distributed as dist
 
 EXIT_USER_ERROR = 2  # a user-fixable input problem: config, data, checkpoint, weights
 EXIT_NON_FINITE = 3  # training stopped on a NaN/inf loss
+EXIT_INTERRUPTED = 75  # a stop signal: the resume state is saved, re-run the command (EX_TEMPFAIL)
+# a full disk, a read-only file system, no permission: reported as DiskError (one line, exit 2)
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class CheckpointError(RuntimeError):
@@ -32,25 +38,66 @@ class NonFiniteLoss(RuntimeError):
     """A loss became NaN/inf; the run stops and the last good checkpoint stays in place."""
 
 
+class DiskError(RuntimeError):
+    """A write failed for lack of space or permission (the message names the path, the bytes
+    it needed and the free space there); nothing earlier was damaged."""
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the file system holding `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def disk_writes(path: str | Path, needed: int | None = None,
+                cleanup: Iterable[str | Path] = ()) -> Iterator[None]:
+    """Turn an OSError of DISK_ERRNOS inside the block into a DiskError naming `path`, the
+    `needed` bytes and the free space there, after deleting the `cleanup` files (temp or
+    partial files of this write)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            raise
+        for leftover in cleanup:
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+        size = f"{needed:,} bytes to write" if needed is not None else "size unknown"
+        free = free_bytes(path)
+        room = f"{free:,} bytes free there" if free is not None else "free space unknown"
+        raise DiskError(f"cannot write {path}: {err.strerror or err} ({size}, {room})") \
+            from err
+
+
 # ---------------------------------------------------------------- atomic files and checkpoints
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, fsync, then `os.replace` it into place.
 
-    A kill at any moment leaves either the old file or the new one, never a partial file.
+    A kill at any moment leaves either the old file or the new one, never a partial file; a
+    full disk or a read-only place raises DiskError and leaves no temp file behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    tmp: list[str] = []
+    with disk_writes(path, len(data), cleanup=tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp.append(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(name, path)
+        except BaseException:
+            if os.path.exists(name):
+                os.unlink(name)
+            raise
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -243,15 +290,15 @@ def run_command(body: Callable[[], int | None],
                 user_errors: tuple[type[BaseException], ...]) -> int:
     """Run a command-line body and return its exit code.
 
-    0 (or the body's own code) on success; one of `user_errors` (CheckpointError always
-    counts) prints `error: <message>` on stderr and gives EXIT_USER_ERROR (2); NonFiniteLoss
+    0 (or the body's own code) on success; one of `user_errors` (CheckpointError and DiskError
+    always count) prints `error: <message>` on stderr and gives EXIT_USER_ERROR (2); NonFiniteLoss
     prints its message the same way and gives EXIT_NON_FINITE (3). torch.distributed is torn
     down in every case.
     """
     try:
         code = body()
         return 0 if code is None else code
-    except (CheckpointError, *user_errors) as err:
+    except (CheckpointError, DiskError, *user_errors) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except NonFiniteLoss as err:

@@ -482,7 +482,7 @@ class CountingImages(torch.utils.data.Dataset):
 def test_real_stats_cache_reused_and_rebuilt(weights, tmp_path):
     inc = load_inception(64, logits=False, weights=weights)
     data = CountingImages(4)
-    path = stats_cache_path(tmp_path, "shapes", "test", 32, 64)
+    path = stats_cache_path(tmp_path / "cache", "shapes", "test", 32, 64)
     assert path == tmp_path / "cache" / "fid_stats_shapes_test_32px_64.npz"
     logs: list[str] = []
     opts = {"batch_size": 4, "progress": False, "log": logs.append}
