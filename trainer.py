@@ -3,7 +3,8 @@
 The CLIP text tower is frozen, so every caption's word/sentence features are computed once into
 a memory-mapped cache (keyed by a hash of the encoder weights and the tokens) and read per step.
 Training resumes exactly: batches come from a per-epoch permutation, each item's augmentation
-is seeded by (seed, epoch, index), and the noise has its own generator saved in the checkpoint.
+is seeded by (seed, epoch, index), and each step's noise by (seed, rank, step), so a resumed
+process draws what the uninterrupted one would have drawn, on every rank.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ class GANTrainer(EpochTrainer):
                                            find_unused_parameters=not cfg.TRAIN.B_NET_D)
             netDs = [DistributedDataParallel(d, device_ids=ids) for d in netDs]
         self.netG, self.netDs = netG, list(netDs)
-        self.noise = torch.Generator().manual_seed(int(cfg.SEED) * 7919 + rank)
         if not self._resume() and cfg.TRAIN.NET_G:
             self._warm_start(cfg.TRAIN.NET_G)
         self._setup_samples(tokenizer)
@@ -133,7 +133,7 @@ class GANTrainer(EpochTrainer):
             "netG": unwrap(self.netG).state_dict(), "ema": self.ema.state_dict(),
             "netDs": [unwrap(d).state_dict() for d in self.netDs],
             "optG": self.optG.state_dict(), "optDs": [o.state_dict() for o in self.optDs],
-            "scaler": self.scaler.state_dict(), "noise": self.noise.get_state(),
+            "scaler": self.scaler.state_dict(),
             "rng": rng_state(), "config": to_plain(self.cfg),
         }
 
@@ -171,7 +171,6 @@ class GANTrainer(EpochTrainer):
             opt.load_state_dict(state["optDs"][i])
         self.optG.load_state_dict(state["optG"])
         self.scaler.load_state_dict(state["scaler"])
-        self.noise.set_state(state["noise"])
         self._restore_progress(path, state)
         return True
 
@@ -202,8 +201,12 @@ class GANTrainer(EpochTrainer):
         halves = (slice(0, b), slice(b, 2 * b))  # caption 1 of every image, then caption 2
         words, sent, mask = self._text(batch)
         class_ids = damsm_class_ids(cfg, batch, dev)
-        z = torch.randn(b, self.arch["Z_DIM"], generator=self.noise).repeat(2, 1).to(dev)
-        eps = torch.randn(2 * b, self.arch["CONDITION_DIM"], generator=self.noise).to(dev)
+        # this step's own generator: no state to carry over a resume (one saved from rank 0
+        # would give every rank rank 0's noise after a resume under torchrun)
+        noise = torch.Generator().manual_seed(
+            (int(self.cfg.SEED) * 7919 + self.rank) * 1_000_003 + self.step)
+        z = torch.randn(b, self.arch["Z_DIM"], generator=noise).repeat(2, 1).to(dev)
+        eps = torch.randn(2 * b, self.arch["CONDITION_DIM"], generator=noise).to(dev)
         with self._autocast():
             fakes, mu, logvar = self.netG(z, sent, words, mask, eps)
         wrong = torch.cat([sent[h].roll(1, dims=0) for h in halves])  # another image's caption

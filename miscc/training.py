@@ -254,6 +254,11 @@ def save_resume_state(model_dir: Path, state: dict, step: int) -> Path:
 
 
 # ---------------------------------------------------------------------------- preemption
+def _clock() -> float:
+    """Seconds on a monotonic clock (the TRAIN.STATE_MINUTES timer; tests replace it)."""
+    return time.monotonic()
+
+
 def parse_signals(names: str) -> list[signal.Signals]:
     """TRAIN.STOP_SIGNALS ("SIGTERM,SIGINT,SIGUSR1"; "" = none) as signal numbers."""
     out = []
@@ -269,8 +274,8 @@ def parse_signals(names: str) -> list[signal.Signals]:
 class StopRequest:
     """While active, the signals of TRAIN.STOP_SIGNALS only set `received` (the first one's
     name): the loop then finishes the step, writes a resume state and returns. A second signal
-    changes nothing, up to the process's exit (writes are atomic either way). Handlers can only be installed from the
-    main thread; elsewhere (threads in tests) the request stays empty."""
+    changes nothing, up to the process's exit (writes are atomic either way). Handlers can
+    only be installed from the main thread; elsewhere (threads in tests) it stays empty."""
 
     def __init__(self, names: str) -> None:
         self.signals = parse_signals(names)
@@ -334,7 +339,7 @@ class EpochTrainer:
         self.writer: Any = None  # TensorBoard SummaryWriter while train() runs (rank 0)
         self.stop = StopRequest(str(cfg.TRAIN.STOP_SIGNALS))
         self.stopping = False  # every process saw a stop request (agreed in `checked`)
-        self._state_time = time.monotonic()
+        self._state_time = _clock()
         if fresh and self.main:
             remove_old_run(self.model_dir, self.FRESH_PATTERNS,
                            [self.out / f for f in self.FRESH_FOLDERS])
@@ -363,14 +368,14 @@ class EpochTrainer:
     def write_state(self) -> Path | None:
         """Write the resume state `state_step_<step>.pth` (rank 0; the newest KEEP_STATES are
         kept) and restart the TRAIN.STATE_MINUTES clock."""
-        self._state_time = time.monotonic()
+        self._state_time = _clock()
         if not self.main:
             return None
         return save_resume_state(self.model_dir, self._state(), self.step)
 
     def _state_due(self) -> bool:
         minutes = float(self.cfg.TRAIN.STATE_MINUTES)
-        return minutes > 0 and time.monotonic() - self._state_time >= minutes * 60
+        return minutes > 0 and _clock() - self._state_time >= minutes * 60
 
     def _restore_progress(self, path: Path, state: dict) -> None:
         """Last part of a resume: every RNG, the epoch/step counters, a note on rank 0."""
@@ -419,7 +424,7 @@ class EpochTrainer:
                 self._on_start()
         last: dict[str, float] = {}
         interrupted = None
-        self._state_time = time.monotonic()
+        self._state_time = _clock()
         try:
             with self.stop:
                 while not done:
