@@ -25,7 +25,7 @@ from datasets import (
     read_split,
 )
 from miscc.config import add_common_args, config_from_args
-from miscc.utils import atomic_write_bytes, run_command
+from miscc.utils import atomic_write_bytes, disk_writes, run_command
 
 SHAPES_MARKER = "shapes.json"  # the generator's parameters, written once the set is complete
 
@@ -44,7 +44,9 @@ def cmd_shapes(args: argparse.Namespace) -> None:
     if stale.is_dir():
         shutil.rmtree(stale)
         print(f"removed the caches of the previous set: {stale}")
-    summary = make_shapes_dataset(args.out, args.n_train, args.n_test, args.size, args.seed)
+    with disk_writes(args.out):  # a full disk or a read-only place: one `error:` line
+        summary = make_shapes_dataset(args.out, args.n_train, args.n_test, args.size,
+                                      args.seed)
     atomic_write_bytes(marker, json.dumps(params).encode())  # written last: the set is whole
     print(f"wrote shapes set to {args.out}: {summary['train']} train / {summary['test']} test "
           f"images of {summary['size']}px, {summary['classes']} classes")
@@ -91,7 +93,8 @@ def cmd_cache(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand. Exit codes: 0 done, 2 a data problem (an `error:` line on stderr)."""
+    """Run a subcommand. Exit codes: 0 done, 2 a data problem or a write that failed for space
+    or permission (an `error:` line on stderr)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     shapes = sub.add_parser("shapes", help="generate the synthetic shapes set (CUB layout)")
@@ -106,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(sub.add_parser("cache", help="build the preprocessed image cache"))
     args = parser.parse_args(argv)
     if args.command == "shapes":
-        cmd_shapes(args)
-        return 0
+        return run_command(lambda: cmd_shapes(args), (DataError,))
     cfg = config_from_args(args)
 
     def body() -> int | None:

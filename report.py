@@ -17,7 +17,7 @@ from pathlib import Path
 
 from miscc.config import ConfigError, load_config
 from miscc.inception import inception_filename, inception_url
-from miscc.utils import atomic_write_bytes
+from miscc.utils import DiskError, atomic_write_bytes, disk_writes
 
 FID_HINT = (f"FID / IS need torch-fidelity's Inception weights (`{inception_filename()}`), "
             "downloaded automatically when the machine has internet access. Offline, fetch the "
@@ -67,9 +67,12 @@ def plot_curves(series: dict[str, tuple[list[int], list[float]]], title: str,
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title} (x: step)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        with disk_writes(path, cleanup=[path]):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -153,7 +156,8 @@ def judge_rows(metrics: dict | None) -> list[str]:
 def build_report(stage1_dir: Path, stage2_dir: Path, out: Path, metrics_file: Path | None = None,
                  fid_file: Path | None = None, is_file: Path | None = None) -> Path:
     """Write `out/report.md` and its PNGs from the two stages' output folders."""
-    out.mkdir(parents=True, exist_ok=True)
+    with disk_writes(out):
+        out.mkdir(parents=True, exist_ok=True)
     lines = ["# Pipeline report", "",
              f"Stage 1 output: `{stage1_dir}`; stage 2 output: `{stage2_dir}`.", ""]
 
@@ -220,10 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = build_report(dirs[0], dirs[1], Path(args.out),
-                          Path(args.metrics) if args.metrics else None,
-                          Path(args.fid) if args.fid else None,
-                          Path(args.isc) if args.isc else None)
+    try:
+        report = build_report(dirs[0], dirs[1], Path(args.out),
+                              Path(args.metrics) if args.metrics else None,
+                              Path(args.fid) if args.fid else None,
+                              Path(args.isc) if args.isc else None)
+    except DiskError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {report}")
     return 0
 

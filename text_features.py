@@ -20,7 +20,7 @@ from tqdm import tqdm
 from datasets import cache_root
 from miscc.config import ConfigError
 from miscc.training import resolve_checkpoint
-from miscc.utils import atomic_write_bytes, barrier, is_main_process
+from miscc.utils import atomic_write_bytes, barrier, disk_writes, is_main_process
 from model import ClipEncoder
 
 
@@ -118,7 +118,8 @@ def text_feature_cache(cfg, split: str, tokens: torch.Tensor, encoder: ClipEncod
     meta = folder / "meta.json"
     if is_main_process() and not meta.is_file():
         words, sent, mask = encode_all_captions(encoder, tokens, device, progress=progress)
-        folder.mkdir(parents=True, exist_ok=True)
+        with disk_writes(folder):
+            folder.mkdir(parents=True, exist_ok=True)
         _save_npy(folder / "words.npy", words)
         _save_npy(folder / "sent.npy", sent)
         _save_npy(folder / "mask.npy", mask)

@@ -30,6 +30,7 @@ from miscc.utils import (  # NonFiniteLoss is defined there for run_command; imp
     all_reduce_mean,
     atomic_torch_save,
     barrier,
+    disk_writes,
     init_distributed,
     is_main_process,
     latest_checkpoint,
@@ -420,7 +421,9 @@ class EpochTrainer:
             else:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.out / "logs"), purge_step=self.step)
+                with disk_writes(self.out / "logs"):
+                    self.writer = SummaryWriter(str(self.out / "logs"),
+                                                purge_step=self.step)
                 self._on_start()
         last: dict[str, float] = {}
         interrupted = None

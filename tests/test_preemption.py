@@ -349,3 +349,32 @@ def test_torchrun_sigterm_stops_both_ranks_at_one_step_and_resumes_exactly(
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert_same_tensors(state_tensors(cut / "Model" / f"state_step_{last}.pth"),
                         state_tensors(straight / "Model" / f"state_step_{last}.pth"))
+
+
+def test_data_preparation_and_report_on_a_full_disk_are_one_line(tmp_path, monkeypatch,
+                                                                 capsys) -> None:
+    from PIL import Image
+
+    import prepare_data
+    import report
+
+    monkeypatch.setattr(Image.Image, "save", enospc)
+    assert prepare_data.main(["shapes", "--out", str(tmp_path / "shapes")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {tmp_path / 'shapes'}: No space left on device")
+    assert err.count("\n") == 1 and not (tmp_path / "shapes" / "shapes.json").exists()
+    monkeypatch.undo()
+
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", enospc)
+    for stage in ("s1", "s2"):
+        logs = tmp_path / stage / "logs"
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(logs)) as writer:
+            writer.add_scalar("train/loss", 1.0, 1)
+    code = report.main(["--stage1", str(tmp_path / "s1"), "--stage2", str(tmp_path / "s2"),
+                        "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot write ") and "No space left" in err
