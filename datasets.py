@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from miscc.utils import atomic_write_bytes, disk_writes
+from miscc.utils import NpyWriter, atomic_write_bytes, disk_writes
 
 BIRDS_LAYOUT = """\
   <DATA_DIR>/train/filenames.pickle   <DATA_DIR>/test/filenames.pickle
@@ -287,19 +287,18 @@ def build_image_cache(cfg, split: str, size: int, progress: bool = True) -> dict
     needed = len(info.keys) * size * size * 3
     with disk_writes(array_path, needed, cleanup=[tmp]):  # full disk / read-only: DiskError
         array_path.parent.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(info.keys), size, size, 3))
-        for i, (key, path, box) in enumerate(
-            tqdm(list(zip(info.keys, info.image_paths, info.boxes, strict=True)),
-                 desc=f"cache {split} {size}px", disable=not progress)
-        ):
+        out = NpyWriter(tmp, (len(info.keys), size, size, 3), np.uint8)  # flat memory
+        for key, path, box in tqdm(list(zip(info.keys, info.image_paths, info.boxes,
+                                            strict=True)),
+                                   desc=f"cache {split} {size}px", disable=not progress):
             try:
-                out[i] = load_image(path, box, size)
+                pixels = load_image(path, box, size)
             except (OSError, ValueError, SyntaxError) as err:
                 bad.append(key)
                 warnings.warn(f"unreadable image skipped: {path} ({err})", stacklevel=2)
-        out.flush()
-        del out
+                pixels = np.zeros((size, size, 3), np.uint8)
+            out.write(pixels[None])
+        out.close()
         tmp.replace(array_path)
     index = {"keys": info.keys, "digest": keys_digest(info.keys), "size": size, "bad": bad}
     atomic_write_bytes(index_path, json.dumps(index).encode())

@@ -317,15 +317,16 @@ def score_tree(cfg, path: str | Path, device: torch.device, progress: bool = Tru
     text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
     other_text = (text_feature_cache(cfg, "test", data.tokens, other, device, progress)
                   if other is not None else None)
+    from sampling import eval_items
+
+    wanted, _, protocol = eval_items(cfg, data.num_captions)  # EVAL.NUM_IMAGES decides
+    expected = len(wanted)
     items, paths = [], []
-    expected = 0
-    for i, key in enumerate(data.keys):
-        for k in range(int(data.num_captions[i])):
-            expected += 1
-            p = root / f"{key}_s{k}.png"
-            if p.is_file():
-                items.append((i, k))
-                paths.append(p)
+    for i, k in wanted.tolist():
+        p = root / f"{data.keys[i]}_s{k}.png"
+        if p.is_file():
+            items.append((i, k))
+            paths.append(p)
     if not items:
         raise FileNotFoundError(f"none of the {expected} expected images <key>_s<k>.png of the "
                                 f"test split is in {root}")
@@ -339,7 +340,7 @@ def score_tree(cfg, path: str | Path, device: torch.device, progress: bool = Tru
     items_t = torch.tensor(items)
     result = score_generated(codes[0], items_t, text.sent, data.class_ids,
                              data.num_captions, seed=int(cfg.SEED))
-    result.update(path=str(root), expected_images=expected)
+    result.update(path=str(root), expected_images=expected, protocol=protocol)
     if other is not None:
         result["independent"] = independent_entry(other_info, codes[1], items_t, other_text.sent,
                                                   data.class_ids, data.num_captions,

@@ -51,6 +51,31 @@ def caption_items(num_captions: torch.Tensor) -> torch.Tensor:
     return torch.stack([index, torch.arange(len(index)) - starts[index]], dim=1)
 
 
+def eval_items(cfg, num_captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The (image, caption) pairs the evaluation generates ([M, 2]), their positions among all
+    the split's pairs (which pick their noise), and the protocol for metrics.json.
+
+    EVAL.NUM_IMAGES 0 (or at least the number of test captions): every caption, one image
+    each. Else that many distinct pairs, drawn uniformly with a generator seeded by SEED, the
+    30,000-image protocol of the AttnGAN/DM-GAN papers for COCO; the draw depends on nothing
+    else (not on batch size or process count)."""
+    every = caption_items(num_captions)
+    want, seed = int(cfg.EVAL.NUM_IMAGES), int(cfg.SEED)
+    if 0 < want < len(every):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+        pick = torch.randperm(len(every), generator=g)[:want].sort().values
+        rule = f"{want} distinct (image, caption) pairs drawn uniformly (seed {seed})"
+    else:
+        if want > len(every):
+            warnings.warn(f"EVAL.NUM_IMAGES={want} is more than the {len(every)} test captions: "
+                          "generating one image per caption", stacklevel=2)
+        pick = torch.arange(len(every))
+        rule = "one image per test caption"
+    protocol = {"rule": rule, "images": len(pick), "test_captions": len(every), "seed": seed,
+                "num_images_key": want}
+    return every[pick], pick, protocol
+
+
 def _gather(items: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """All ranks' (items, *per-item tensors) on every rank, in caption order."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -80,8 +105,9 @@ def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict 
     text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
     other_text = (text_feature_cache(cfg, "test", data.tokens, other, device, progress)
                   if other is not None else None)
-    items = caption_items(data.num_captions)
-    z, eps = seeded_noise(cfg, len(items), netG.arch)
+    items, pick, protocol = eval_items(cfg, data.num_captions)
+    z, eps = seeded_noise(cfg, int(data.num_captions.sum()), netG.arch)  # one per caption
+    z, eps = z[pick], eps[pick]  # so a pair's image is the same under either protocol
     out_dir = Path(cfg.OUTPUT_DIR) / "valid" / "single"
     mine = torch.arange(rank, len(items), world)
     codes, other_codes, preds = [], [], []
@@ -112,7 +138,8 @@ def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict 
     if is_main_process():
         result = score_generated(all_codes, all_items, text.sent, data.class_ids,
                                  data.num_captions, seed=int(cfg.SEED))
-        result.update(path=str(out_dir), generator=str(cfg.TRAIN.NET_G), processes=world)
+        result.update(path=str(out_dir), generator=str(cfg.TRAIN.NET_G), processes=world,
+                      protocol=protocol)
         if other is not None:
             result["independent"] = independent_entry(
                 other_info, all_extra.pop(0), all_items, other_text.sent, data.class_ids,

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -20,7 +20,13 @@ from tqdm import tqdm
 from datasets import cache_root
 from miscc.config import ConfigError
 from miscc.training import resolve_checkpoint
-from miscc.utils import atomic_write_bytes, barrier, disk_writes, is_main_process
+from miscc.utils import (
+    NpyWriter,
+    atomic_write_bytes,
+    barrier,
+    disk_writes,
+    is_local_main_process,
+)
 from model import ClipEncoder
 
 
@@ -78,53 +84,57 @@ def _cache_root(cfg) -> Path:
 
 @torch.no_grad()
 def encode_all_captions(encoder: ClipEncoder, tokens: torch.Tensor, device: torch.device,
-                        batch: int = 256, progress: bool = True) -> tuple:
-    """Run the text tower over tokens [N, C, L] -> (words fp16 [N, C, L', D] numpy, sent
-    float32 [N, C, D], mask bool [N, C, L']); L' = the longest caption (+SOT/EOT) in the split."""
+                        folder: Path, batch: int = 256, progress: bool = True) -> dict:
+    """Run the text tower over tokens [N, C, L] batch by batch, straight into `folder`:
+    words.npy (fp16, N·C rows of [L', D]), sent.npy (float32 [N·C, D]), mask.npy (bool
+    [N·C, L']), L' = the longest caption (+SOT/EOT) in the split. Each array is streamed
+    (`NpyWriter`) to a temp path of this process and renamed when complete: peak memory is
+    one batch, whatever N. Returns the [N, C, ...] shapes the reader gives them."""
     n, c, _ = tokens.shape
     flat = tokens.reshape(n * c, -1)
     length = int(flat.argmax(dim=1).max()) + 1
-    flat = flat[:, :length]
-    words = np.zeros((n * c, length, encoder.embed_dim), dtype=np.float16)
-    sent = np.zeros((n * c, encoder.embed_dim), dtype=np.float32)
-    mask = np.zeros((n * c, length), dtype=bool)
-    for start in tqdm(range(0, n * c, batch), desc="text features", disable=not progress,
-                      leave=False):
-        w, s, m = encoder.encode_text(flat[start: start + batch].to(device))
-        words[start: start + len(w)] = w.float().cpu().numpy()
-        sent[start: start + len(w)] = s.float().cpu().numpy()
-        mask[start: start + len(w)] = m.cpu().numpy()
-    shape = (n, c)
-    return words.reshape(*shape, length, -1), sent.reshape(*shape, -1), mask.reshape(*shape, -1)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())
+    d = encoder.embed_dim
+    shapes = {"words": (n, c, length, d), "sent": (n, c, d), "mask": (n, c, length)}
+    dtypes = {"words": np.float16, "sent": np.float32, "mask": np.bool_}
+    tag = f"{socket.gethostname()}.{os.getpid()}"  # two builders (nodes) never share a temp
+    tmp = {k: folder / f".{k}.npy.{tag}.tmp" for k in shapes}
+    needed = sum(int(np.prod(shapes[k])) * np.dtype(dtypes[k]).itemsize for k in shapes)
+    with disk_writes(folder / "words.npy", needed, cleanup=list(tmp.values())):
+        folder.mkdir(parents=True, exist_ok=True)
+        out = {k: NpyWriter(tmp[k], (n * c, *shapes[k][2:]), dtypes[k]) for k in shapes}
+        for start in tqdm(range(0, n * c, batch), desc="text features", disable=not progress,
+                          leave=False):
+            w, s, m = encoder.encode_text(flat[start: start + batch, :length].to(device))
+            out["words"].write(w.cpu().numpy())
+            out["sent"].write(s.float().cpu().numpy())
+            out["mask"].write(m.cpu().numpy())
+        for k, writer in out.items():  # stored flat ([N·C, ...]); the reader reshapes views
+            writer.close()
+            tmp[k].replace(folder / f"{k}.npy")
+    return shapes
 
 
 def text_feature_cache(cfg, split: str, tokens: torch.Tensor, encoder: ClipEncoder,
                        device: torch.device, progress: bool = True) -> TextFeatures:
-    """Open (or build once, on rank 0) the feature cache of a split's captions.
+    """Open (or build once per node) the feature cache of a split's captions.
 
     Key: hash of the encoder weights + the token ids (so WORDS_NUM, captions and image list are
-    covered). Files are replaced atomically and meta.json is written last, so an interrupted
-    build is simply rebuilt.
+    covered). The first process of each node builds it (`is_local_main_process`: nodes with
+    their own copy of the data each get one; on a shared disk both write the same bytes
+    through their own temp files), streaming to disk (`encode_all_captions`); meta.json is
+    written last, so an interrupted build is simply rebuilt.
     """
     key = hashlib.sha256((encoder_digest(encoder) + split).encode()
                          + tokens.numpy().tobytes()).hexdigest()[:16]
     folder = _cache_root(cfg) / f"text_{split}_{key}"
     meta = folder / "meta.json"
-    if is_main_process() and not meta.is_file():
-        words, sent, mask = encode_all_captions(encoder, tokens, device, progress=progress)
-        with disk_writes(folder):
-            folder.mkdir(parents=True, exist_ok=True)
-        _save_npy(folder / "words.npy", words)
-        _save_npy(folder / "sent.npy", sent)
-        _save_npy(folder / "mask.npy", mask)
-        atomic_write_bytes(meta, json.dumps({"split": split, "shape": list(words.shape),
+    if is_local_main_process() and not meta.is_file():
+        shapes = encode_all_captions(encoder, tokens, device, folder, progress=progress)
+        atomic_write_bytes(meta, json.dumps({"split": split, "shape": list(shapes["words"]),
                                              "words_num": int(cfg.TEXT.WORDS_NUM)}).encode())
     barrier()
-    return TextFeatures(np.load(folder / "words.npy", mmap_mode="r"),
-                        np.load(folder / "sent.npy"), np.load(folder / "mask.npy"))
+    n, c = tokens.shape[:2]
+    words, sent, mask = (np.load(folder / f"{k}.npy", mmap_mode="r")
+                         for k in ("words", "sent", "mask"))
+    return TextFeatures(words.reshape(n, c, *words.shape[1:]),
+                        np.array(sent).reshape(n, c, -1), np.array(mask).reshape(n, c, -1))

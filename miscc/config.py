@@ -135,6 +135,10 @@ def default_config() -> EasyDict:
                 "HOLDOUT": 0.01,  # folder data without TEST_DIR: share held out for testing
             },
             "EVAL": {
+                # images the evaluation generates: 0 = one per test caption (CUB: 29,330);
+                # N = N distinct (image, caption) pairs drawn with SEED (COCO: 30,000, as
+                # the AttnGAN/DM-GAN papers; every caption would be 202,520 images)
+                "NUM_IMAGES": 0,
                 # a second scorer beside TRAIN.NET_E: '' = none; a CLIP name (ViT-B/32, with
                 # INDEPENDENT_PRETRAINED weights), a stage-1 clip*.pth (or its Model/ folder),
                 # or a cfg/clip/ JSON stem (random weights, seeded: tests)

@@ -100,6 +100,36 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             raise
 
 
+class NpyWriter:
+    """Stream rows into a `.npy` file of a known shape: header first, then each batch appended
+    with plain writes, so the process never holds (or maps) more than one batch: the page
+    cache may keep the file, but the resident set stays flat whatever the array's size.
+    `np.load(path, mmap_mode="r")` reads the result."""
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.rows = 0
+        self._file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": self.shape}
+        np.lib.format.write_array_header_2_0(self._file, header)
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append `rows` ([k, *shape[1:]], cast to the file's dtype)."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+            raise ValueError(f"{self.path}: rows of shape {rows.shape} do not fit {self.shape} "
+                             f"after {self.rows} rows")
+        self._file.write(rows.tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        """Flush and close; an error if fewer rows than the shape says were written."""
+        self._file.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """`torch.save` through `atomic_write_bytes`."""
     buffer = io.BytesIO()
@@ -262,6 +292,12 @@ def init_distributed(gpu: int) -> tuple[int, int, torch.device]:
 def is_main_process() -> bool:
     """True on rank 0 (or when not distributed): only this process writes files."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def is_local_main_process() -> bool:
+    """True on the first process of each node (LOCAL_RANK 0 under torchrun, or when not
+    distributed): the process that builds a node's caches when nodes keep their own data."""
+    return not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,8 @@ def ddp(shapes_dir, tiny_encoder_ckpt, tmp_path_factory) -> dict:
                    "set": [*STAGE2, f"DATA_DIR={data}", f"OUTPUT_DIR={out / 's2'}",
                            f"TRAIN.NET_E={tiny_encoder_ckpt}"]},
         "eval": {"cfg": "cfg/eval_clip_shapes.yml",
-                 "set": [*GAN_TINY, "TRAIN.BATCH_SIZE=7", f"DATA_DIR={data}",
+                 "set": [*GAN_TINY, "TRAIN.BATCH_SIZE=7", "EVAL.NUM_IMAGES=50",
+                         f"DATA_DIR={data}",
                          f"OUTPUT_DIR={out / 'gen2'}", f"TRAIN.NET_E={tiny_encoder_ckpt}",
                          f"TRAIN.NET_G={out / 's2' / 'Model'}"]},
     }
@@ -238,11 +239,13 @@ def test_generated_test_set_is_byte_identical_to_one_process(ddp, tmp_path) -> N
     assert two["processes"] == 2 and one["processes"] == 1
     folders = [out / "gen2" / "valid" / "single", tmp_path / "gen1" / "valid" / "single"]
     trees = [sorted(p.relative_to(f).as_posix() for p in f.rglob("*.png")) for f in folders]
-    assert len(trees[0]) == 120 and trees[0] == trees[1]
+    # EVAL.NUM_IMAGES=50 of the 120 test captions: the seeded draw is the same for 2 processes
+    assert len(trees[0]) == 50 and trees[0] == trees[1]
+    assert two["protocol"] == one["protocol"] and two["protocol"]["images"] == 50
     pictures = [[(f / name).read_bytes() for name in trees[0]] for f in folders]
     differ = [n for n, a, b in zip(trees[0], *pictures, strict=True) if a != b]
-    assert not differ, f"{len(differ)} of 120 images differ, e.g. {differ[:3]}"
-    assert len(set(pictures[1])) == 120  # and they are not all the same picture
+    assert not differ, f"{len(differ)} of 50 images differ, e.g. {differ[:3]}"
+    assert len(set(pictures[1])) == 50  # and they are not all the same picture
     assert two["judge"] == one["judge"]
     for key in ("r_precision", "folds"):
         assert two[key] == pytest.approx(one[key], abs=1e-9), key
