@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 bench: $(STAMP)
-	for f in bench/bench_*.py; do case $$f in *bench_gpu.py|*bench_attention.py) continue;; esac; \
+	for f in bench/bench_*.py; do case $$f in *bench_gpu.py|*bench_attention.py|*bench_scale.py) continue;; esac; \
 		echo "== $$f"; $(PY) $$f || exit 1; done
 
 # The whole pipeline on the synthetic shapes set, on CPU, in minutes. Each line is the command a
