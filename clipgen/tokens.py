@@ -1,0 +1,105 @@
+"""CLIP-GEN's token cache (docs/DESIGN.md §13): the VQGAN tokens and the CLIP image embedding of
+several augmented views of every training image, computed once with the frozen tokenizer and
+encoder, so that training the transformer (with the reconstruction term off) reads no pixels.
+
+Files (`<CACHE_DIR>/tokens_<key>/`): tokens.npy [V·N, t·t] (int16, or int32 past 32,767 codes),
+emb.npy [V·N, E] float32, row v·N + i = view v of image i; meta.json last. The key hashes both
+models' weights, the image list, the number of views, the image size and the seed. View v of
+image i is the crop `SeededItems` draws for (epoch v, index i): the same on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from clipgen.data import TokenizerImages
+from clipgen.vqgan import VQModel
+from datasets import keys_digest
+from miscc.training import SeededItems
+from miscc.utils import NpyWriter, atomic_write_bytes, barrier, disk_writes, is_local_main_process
+from model import ClipEncoder
+from text_features import encoder_digest
+
+
+@dataclass
+class TokenCache:
+    """Memory-mapped tokens [V·N, T] and embeddings [V·N, E] of a token cache."""
+
+    tokens: np.ndarray
+    emb: np.ndarray
+    views: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [B, T] long, embeddings [B, E] float32) of cache rows `index`."""
+        i = index.cpu().numpy()
+        return (torch.from_numpy(self.tokens[i].astype(np.int64)),
+                torch.from_numpy(np.array(self.emb[i], dtype=np.float32)))
+
+
+def cache_key(vq: VQModel, encoder: ClipEncoder, keys: list[str], views: int, size: int,
+              seed: int) -> str:
+    """The cache folder's key: both models' weights, the images, views, size and seed."""
+    text = "|".join([encoder_digest(vq), encoder_digest(encoder), keys_digest(keys),
+                     str(views), str(size), str(seed)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def write_token_cache(data: TokenizerImages, vq: VQModel, encoder: ClipEncoder,
+                      device: torch.device, folder: Path, views: int, seed: int,
+                      batch: int = 64, workers: int = 0, progress: bool = True) -> dict:
+    """Encode `views` seeded views of every image of `data` (a training split) into `folder`,
+    streamed batch by batch to per-process temp files and renamed; returns the meta data."""
+    vq, encoder = vq.eval(), encoder.eval()
+    n, side = len(data), vq.arch.tokens_side
+    dtype = np.int16 if vq.arch.n_embed <= np.iinfo(np.int16).max else np.int32
+    shapes = {"tokens": (views * n, side * side), "emb": (views * n, encoder.embed_dim)}
+    dtypes = {"tokens": dtype, "emb": np.float32}
+    tag = f"{socket.gethostname()}.{os.getpid()}"
+    tmp = {k: folder / f".{k}.npy.{tag}.tmp" for k in shapes}
+    needed = sum(int(np.prod(shapes[k])) * np.dtype(dtypes[k]).itemsize for k in shapes)
+    items = [(v, i) for v in range(views) for i in range(n)]  # row order: view-major
+    loader = DataLoader(SeededItems(data, seed), batch_size=batch, sampler=items,
+                        num_workers=workers)
+    with disk_writes(folder / "tokens.npy", needed, cleanup=list(tmp.values())):
+        folder.mkdir(parents=True, exist_ok=True)
+        out = {k: NpyWriter(tmp[k], shapes[k], dtypes[k]) for k in shapes}
+        for item in tqdm(loader, desc="token cache", disable=not progress, leave=False):
+            x = item["image"].to(device)
+            out["tokens"].write(vq.encode(x).flatten(1).cpu().numpy())
+            out["emb"].write(encoder.encode_image(x)[1].float().cpu().numpy())
+        for k, writer in out.items():
+            writer.close()
+            tmp[k].replace(folder / f"{k}.npy")
+    return {"views": views, "images": n, "tokens": side * side, "n_embed": vq.arch.n_embed,
+            "embed_dim": encoder.embed_dim, "seed": seed, "skipped": data.skipped}
+
+
+def token_cache(root: Path, data: TokenizerImages, vq: VQModel, encoder: ClipEncoder,
+                device: torch.device, views: int, seed: int, batch: int = 64,
+                workers: int = 0, progress: bool = True) -> TokenCache:
+    """Open the token cache under `root` for these models and images, building it first (the
+    first process of each node builds; the others wait) when it does not exist yet."""
+    key = cache_key(vq, encoder, data.keys, views, max(data.sizes), seed)
+    folder = root / f"tokens_{key}"
+    meta = folder / "meta.json"
+    if is_local_main_process() and not meta.is_file():
+        info = write_token_cache(data, vq, encoder, device, folder, views, seed, batch,
+                                 workers, progress)
+        atomic_write_bytes(meta, json.dumps(info).encode())
+    barrier()
+    return TokenCache(np.load(folder / "tokens.npy", mmap_mode="r"),
+                      np.load(folder / "emb.npy", mmap_mode="r"), views)
