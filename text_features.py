@@ -136,5 +136,6 @@ def text_feature_cache(cfg, split: str, tokens: torch.Tensor, encoder: ClipEncod
     n, c = tokens.shape[:2]
     words, sent, mask = (np.load(folder / f"{k}.npy", mmap_mode="r")
                          for k in ("words", "sent", "mask"))
-    return TextFeatures(words.reshape(n, c, *words.shape[1:]),
+    # [N·C, L, D] as streamed (a cache of an earlier version holds [N, C, L, D]: both read)
+    return TextFeatures(words.reshape(n, c, *words.shape[-2:]),
                         np.array(sent).reshape(n, c, -1), np.array(mask).reshape(n, c, -1))

@@ -378,3 +378,17 @@ def test_data_preparation_and_report_on_a_full_disk_are_one_line(tmp_path, monke
                         "--out", str(tmp_path / "report")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: cannot write ") and "No space left" in err
+
+
+def test_caption_cache_on_a_full_disk_leaves_no_temp_files(tmp_path, monkeypatch) -> None:
+    from model import ClipEncoder, resolve_clip_name
+    from text_features import encode_all_captions
+
+    torch.manual_seed(0)
+    encoder = ClipEncoder(resolve_clip_name("tiny", ""), adapter=False).eval()
+    tokens = torch.zeros(4, 2, 8, dtype=torch.long)
+    tokens[..., 0], tokens[..., 1:4], tokens[..., 4] = 49406, 7, 49407
+    monkeypatch.setattr("miscc.utils.NpyWriter.write", enospc)
+    with pytest.raises(DiskError, match=r"words\.npy: No space left on device \("):
+        encode_all_captions(encoder, tokens, CPU, tmp_path / "text", progress=False)
+    assert list((tmp_path / "text").iterdir()) == []

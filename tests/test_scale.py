@@ -169,3 +169,26 @@ def test_two_nodes_with_their_own_data_copies(data_dir, tiny_encoder_ckpt, tmp_p
         built = list((copy / "cache").glob("text_train_*/meta.json"))
         assert len(built) == 1, f"no caption cache built in {copy}"
     assert (tmp_path / "out" / "Model" / "state_step_3.pth").is_file()
+
+
+def test_caption_cache_of_the_earlier_layout_still_reads(shapes_cfg, tiny_encoder_ckpt,
+                                                         tmp_path) -> None:
+    """Caches written before streaming hold words as [N, C, L, D]; the reader takes both."""
+    from datasets import CaptionTokenizer, TextImageDataset, image_sizes
+    from text_features import load_frozen_encoder, text_feature_cache
+
+    cfg = shapes_cfg(f"CACHE_DIR={tmp_path / 'cache'}", f"TRAIN.NET_E={tiny_encoder_ckpt}",
+                     "CLIP.MODEL=tiny", f"OUTPUT_DIR={tmp_path / 'out'}")
+    data = TextImageDataset(cfg, "test", CaptionTokenizer(int(cfg.TEXT.WORDS_NUM)),
+                            image_sizes(cfg), train=False, use_cache=False)
+    encoder = load_frozen_encoder(cfg, CPU)
+    new = text_feature_cache(cfg, "test", data.tokens, encoder, CPU, progress=False)
+    idx, cap = torch.tensor([0, 5, 11]), torch.tensor([0, 3, 9])
+    want = new.lookup(idx, cap)
+    folder = next((tmp_path / "cache").glob("text_test_*"))
+    words = np.load(folder / "words.npy")
+    np.save(folder / "words.npy", words.reshape(*data.tokens.shape[:2], *words.shape[1:]))
+    old = text_feature_cache(cfg, "test", data.tokens, encoder, CPU, progress=False)
+    assert old.words.shape[:2] == data.tokens.shape[:2]
+    for a, b in zip(old.lookup(idx, cap), want, strict=True):
+        assert torch.equal(a, b)
