@@ -10,8 +10,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
-
 from datasets import (
     BIRDS_LAYOUT,
     CroppedImages,
@@ -115,9 +113,3 @@ class TokenizerImages(CroppedImages):
         index, imgs = self.views_of(index)
         return {"image": imgs[0][0], "index": index, "key": self.keys[index]}
 
-
-def image_batches(data: TokenizerImages, indices: torch.Tensor, batch: int):
-    """[b, 3, S, S] batches (and their item indices) of `data` at `indices`, in order."""
-    for chunk in indices.split(batch):
-        items = [data[int(i)] for i in chunk]
-        yield torch.stack([it["image"] for it in items]), chunk

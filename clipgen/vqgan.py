@@ -53,7 +53,7 @@ class VQArch:
         return self.resolution // 2 ** (len(self.ch_mult) - 1)
 
     def check(self) -> None:
-        """A ConfigError-like CheckpointError when the sizes cannot work together."""
+        """A ConfigError when the image size cannot be halved once per level."""
         from miscc.config import ConfigError
 
         down = 2 ** (len(self.ch_mult) - 1)
