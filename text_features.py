@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -21,11 +20,10 @@ from datasets import cache_root
 from miscc.config import ConfigError
 from miscc.training import resolve_checkpoint
 from miscc.utils import (
-    NpyWriter,
     atomic_write_bytes,
     barrier,
-    disk_writes,
     is_local_main_process,
+    streamed_arrays,
 )
 from model import ClipEncoder
 
@@ -96,21 +94,15 @@ def encode_all_captions(encoder: ClipEncoder, tokens: torch.Tensor, device: torc
     d = encoder.embed_dim
     shapes = {"words": (n, c, length, d), "sent": (n, c, d), "mask": (n, c, length)}
     dtypes = {"words": np.float16, "sent": np.float32, "mask": np.bool_}
-    tag = f"{socket.gethostname()}.{os.getpid()}"  # two builders (nodes) never share a temp
-    tmp = {k: folder / f".{k}.npy.{tag}.tmp" for k in shapes}
-    needed = sum(int(np.prod(shapes[k])) * np.dtype(dtypes[k]).itemsize for k in shapes)
-    with disk_writes(folder / "words.npy", needed, cleanup=list(tmp.values())):
-        folder.mkdir(parents=True, exist_ok=True)
-        out = {k: NpyWriter(tmp[k], (n * c, *shapes[k][2:]), dtypes[k]) for k in shapes}
+    # stored flat ([N·C, ...]); the reader reshapes views
+    specs = {k: ((n * c, *shapes[k][2:]), dtypes[k]) for k in shapes}
+    with streamed_arrays(folder, specs) as out:
         for start in tqdm(range(0, n * c, batch), desc="text features", disable=not progress,
                           leave=False):
             w, s, m = encoder.encode_text(flat[start: start + batch, :length].to(device))
             out["words"].write(w.cpu().numpy())
             out["sent"].write(s.float().cpu().numpy())
             out["mask"].write(m.cpu().numpy())
-        for k, writer in out.items():  # stored flat ([N·C, ...]); the reader reshapes views
-            writer.close()
-            tmp[k].replace(folder / f"{k}.npy")
     return shapes
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from clipgen.data import TokenizerImages
 from clipgen.vqgan import VQModel
 from datasets import keys_digest
 from miscc.training import SeededItems
-from miscc.utils import NpyWriter, atomic_write_bytes, barrier, disk_writes, is_local_main_process
+from miscc.utils import atomic_write_bytes, barrier, is_local_main_process, streamed_arrays
 from model import ClipEncoder
 from text_features import encoder_digest
 
@@ -66,24 +64,16 @@ def write_token_cache(data: TokenizerImages, vq: VQModel, encoder: ClipEncoder,
     vq, encoder = vq.eval(), encoder.eval()
     n, side = len(data), vq.arch.tokens_side
     dtype = np.int16 if vq.arch.n_embed <= np.iinfo(np.int16).max else np.int32
-    shapes = {"tokens": (views * n, side * side), "emb": (views * n, encoder.embed_dim)}
-    dtypes = {"tokens": dtype, "emb": np.float32}
-    tag = f"{socket.gethostname()}.{os.getpid()}"
-    tmp = {k: folder / f".{k}.npy.{tag}.tmp" for k in shapes}
-    needed = sum(int(np.prod(shapes[k])) * np.dtype(dtypes[k]).itemsize for k in shapes)
+    specs = {"tokens": ((views * n, side * side), dtype),
+             "emb": ((views * n, encoder.embed_dim), np.float32)}
     items = [(v, i) for v in range(views) for i in range(n)]  # row order: view-major
     loader = DataLoader(SeededItems(data, seed), batch_size=batch, sampler=items,
                         num_workers=workers)
-    with disk_writes(folder / "tokens.npy", needed, cleanup=list(tmp.values())):
-        folder.mkdir(parents=True, exist_ok=True)
-        out = {k: NpyWriter(tmp[k], shapes[k], dtypes[k]) for k in shapes}
+    with streamed_arrays(folder, specs) as out:
         for item in tqdm(loader, desc="token cache", disable=not progress, leave=False):
             x = item["image"].to(device)
             out["tokens"].write(vq.encode(x).flatten(1).cpu().numpy())
             out["emb"].write(encoder.encode_image(x)[1].float().cpu().numpy())
-        for k, writer in out.items():
-            writer.close()
-            tmp[k].replace(folder / f"{k}.npy")
     return {"views": views, "images": n, "tokens": side * side, "n_embed": vq.arch.n_embed,
             "embed_dim": encoder.embed_dim, "seed": seed, "skipped": data.skipped}
 

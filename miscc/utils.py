@@ -12,6 +12,7 @@ import io
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import warnings
@@ -123,11 +124,44 @@ class NpyWriter:
         self._file.write(rows.tobytes())
         self.rows += len(rows)
 
+    def discard(self) -> None:
+        """Close and delete the file (a build that failed)."""
+        self._file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
     def close(self) -> None:
         """Flush and close; an error if fewer rows than the shape says were written."""
         self._file.close()
         if self.rows != self.shape[0]:
             raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+
+
+@contextlib.contextmanager
+def streamed_arrays(folder: str | Path, specs: dict[str, tuple[tuple[int, ...], Any]]
+                    ) -> Iterator[dict[str, NpyWriter]]:
+    """`NpyWriter`s for `<folder>/<name>.npy` of the given (shape, dtype), at temp paths of this
+    host and process (two builders sharing a disk never share a temp file); renamed into place
+    when the block ends, deleted when it fails. A full disk or a read-only place: DiskError."""
+    folder = Path(folder)
+    tag = f"{socket.gethostname()}.{os.getpid()}"
+    tmp = {k: folder / f".{k}.npy.{tag}.tmp" for k in specs}
+    needed = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in
+                 specs.values())
+    first = folder / f"{next(iter(specs))}.npy"
+    with disk_writes(first, needed, cleanup=list(tmp.values())):
+        folder.mkdir(parents=True, exist_ok=True)
+        writers = {k: NpyWriter(tmp[k], *specs[k]) for k in specs}
+        try:
+            yield writers
+            for writer in writers.values():
+                writer.close()
+        except BaseException:
+            for writer in writers.values():
+                writer.discard()
+            raise
+        for k, path in tmp.items():
+            path.replace(folder / f"{k}.npy")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
