@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,9 +38,11 @@ def generator_for_eval(cfg, encoder: ClipEncoder, device: torch.device) -> Gener
     return netG.eval().requires_grad_(False).to(device)
 
 
-def seeded_noise(cfg, count: int, arch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z [count, Z], eps [count, C]) from SEED: the same for every rank and every run."""
-    g = torch.Generator().manual_seed(int(cfg.SEED))
+def seeded_noise(cfg, count: int, arch: dict, offset: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z [count, Z], eps [count, C]) from SEED (and `offset`, which names another stream): the
+    same for every rank and every run."""
+    g = torch.Generator().manual_seed(int(cfg.SEED) + 1_000_003 * offset)
     return (torch.randn(count, arch["Z_DIM"], generator=g),
             torch.randn(count, arch["CONDITION_DIM"], generator=g))
 
@@ -88,35 +91,44 @@ def _gather(items: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, 
                             for j in range(1, len(tensors) + 1)))
 
 
+# images [B, 3, H, W] in [-1, 1] for (pair ids [B]: positions among all the split's (image,
+# caption) pairs, which seed the draws; image indices [B]; caption indices [B]; the captions'
+# (words, sent, mask) features on the device)
+MakeImages = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
+
+
+def test_split(cfg) -> TextImageDataset:
+    """The test split with its captions, centre crops, no image cache (what evaluation reads)."""
+    return TextImageDataset(cfg, "test", CaptionTokenizer(int(cfg.TEXT.WORDS_NUM)),
+                            image_sizes(cfg), train=False, use_cache=False)
+
+
 @torch.no_grad()
-def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict | None:
-    """Write `<OUTPUT_DIR>/valid/single/<key>_s<k>.png` for every test caption and score them;
-    rank 0 returns (and writes to metrics.json) the R-precision and CLIP score, plus the
-    independent scorer's (EVAL.INDEPENDENT_ENCODER) and the shapes judge's entries when
-    configured."""
+def evaluate_test_set(cfg, device: torch.device, encoder: ClipEncoder, data: TextImageDataset,
+                      make_images: MakeImages, source: dict, out_root: Path | None = None,
+                      progress: bool = True) -> dict | None:
+    """The evaluation both generators share (docs/DESIGN.md §9): `make_images` draws the test
+    pairs of `eval_items`, shared out over processes; each is written as
+    `<out_root>/valid/single/<key>_s<k>.png` (out_root: OUTPUT_DIR) and scored as saved (8-bit)
+    with the encoder, the independent scorer and the shapes judge when configured; rank 0
+    writes `<out_root>/metrics.json` (with `source` merged in) and returns it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    encoder = load_frozen_encoder(cfg, device)
-    netG = generator_for_eval(cfg, encoder, device)
-    data = TextImageDataset(cfg, "test", CaptionTokenizer(int(cfg.TEXT.WORDS_NUM)),
-                            image_sizes(cfg), train=False, use_cache=False)
     judge = EvalJudge.from_config(cfg, data.info)  # load problems end the run before drawing
     other, other_info = load_independent_encoder(cfg, device) or (None, None)
     text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
     other_text = (text_feature_cache(cfg, "test", data.tokens, other, device, progress)
                   if other is not None else None)
     items, pick, protocol = eval_items(cfg, data.num_captions)
-    z, eps = seeded_noise(cfg, int(data.num_captions.sum()), netG.arch)  # one per caption
-    z, eps = z[pick], eps[pick]  # so a pair's image is the same under either protocol
-    out_dir = Path(cfg.OUTPUT_DIR) / "valid" / "single"
+    out_root = Path(cfg.OUTPUT_DIR) if out_root is None else out_root
+    out_dir = out_root / "valid" / "single"
     mine = torch.arange(rank, len(items), world)
     codes, other_codes, preds = [], [], []
     for chunk in tqdm(mine.split(int(cfg.TRAIN.BATCH_SIZE)), desc="generating test images",
                       disable=not (progress and is_main_process())):
         idx, cap = items[chunk, 0], items[chunk, 1]
-        words, sent, mask = (t.to(device) for t in text.lookup(idx, cap))
-        images = netG(z[chunk].to(device), sent, words, mask, eps[chunk].to(device))[0][-1]
-        pixels = to_uint8(images)
+        features = tuple(t.to(device) for t in text.lookup(idx, cap))
+        pixels = to_uint8(make_images(pick[chunk], idx, cap, features))
         for pic, i, k in zip(pixels, idx.tolist(), cap.tolist(), strict=True):
             save_png_file(pic, out_dir / f"{data.keys[i]}_s{k}.png")
         # score exactly what was saved (the 8-bit PNG), as r_precision.py reads it back
@@ -138,20 +150,37 @@ def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict 
     if is_main_process():
         result = score_generated(all_codes, all_items, text.sent, data.class_ids,
                                  data.num_captions, seed=int(cfg.SEED))
-        result.update(path=str(out_dir), generator=str(cfg.TRAIN.NET_G), processes=world,
-                      protocol=protocol)
+        result.update(path=str(out_dir), **source, processes=world, protocol=protocol)
         if other is not None:
             result["independent"] = independent_entry(
                 other_info, all_extra.pop(0), all_items, other_text.sent, data.class_ids,
                 data.num_captions, int(cfg.SEED))
         if judge is not None:
             result.update(judge.metrics(all_items, all_extra.pop(0)))
-        metrics = Path(cfg.OUTPUT_DIR) / "metrics.json"
+        metrics = out_root / "metrics.json"
         atomic_write_bytes(metrics, json.dumps(result, indent=2).encode())
         print("\n".join(report_lines(result)) + f"\nwrote {len(all_items)} images to {out_dir} "
               f"and {metrics}")
     barrier()
     return result
+
+
+@torch.no_grad()
+def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict | None:
+    """DM-GAN's evaluation: the EMA generator of TRAIN.NET_G draws every test pair of
+    `eval_items` with the pair's own seeded noise (`evaluate_test_set` writes and scores)."""
+    encoder = load_frozen_encoder(cfg, device)
+    netG = generator_for_eval(cfg, encoder, device)
+    data = test_split(cfg)
+    z, eps = seeded_noise(cfg, int(data.num_captions.sum()), netG.arch)  # one per caption
+
+    def make_images(pairs: torch.Tensor, idx: torch.Tensor, cap: torch.Tensor,
+                    text: tuple) -> torch.Tensor:
+        words, sent, mask = text
+        return netG(z[pairs].to(device), sent, words, mask, eps[pairs].to(device))[0][-1]
+
+    return evaluate_test_set(cfg, device, encoder, data, make_images,
+                             {"generator": str(cfg.TRAIN.NET_G)}, progress=progress)
 
 
 def caption_files(cfg, captions: str | None) -> list[tuple[str, Path]]:
@@ -178,12 +207,19 @@ def caption_files(cfg, captions: str | None) -> list[tuple[str, Path]]:
     return out
 
 
+# images [B, 3, H, W] in [-1, 1] for (line numbers [B] in the caption file, which seed the
+# draws; the captions' (words, sent, mask) features on the device)
+MakeCaptionImages = Callable[[torch.Tensor, tuple], torch.Tensor]
+
+
 @torch.no_grad()
-def generate_custom(cfg, device: torch.device, captions: str | None = None) -> list[Path]:
-    """One grid per caption file under `<OUTPUT_DIR>/examples/` (plus each image alone)."""
-    encoder = load_frozen_encoder(cfg, device)
-    netG = generator_for_eval(cfg, encoder, device)
+def caption_file_grids(cfg, device: torch.device, encoder: ClipEncoder, captions: str | None,
+                       make_images: MakeCaptionImages, out_root: Path | None = None
+                       ) -> list[Path]:
+    """One grid per caption file (`caption_files`) under `<out_root>/examples/` (plus each image
+    alone as `examples/<name>/<k>.png`), drawn by `make_images` (out_root: OUTPUT_DIR)."""
     tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
+    out = (Path(cfg.OUTPUT_DIR) if out_root is None else out_root) / "examples"
     written = []
     for name, path in caption_files(cfg, captions):
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
@@ -195,16 +231,29 @@ def generate_custom(cfg, device: torch.device, captions: str | None = None) -> l
         if tokenizer.truncated > before:
             warnings.warn(f"{path}: {tokenizer.truncated - before} caption(s) cut to "
                           f"TEXT.WORDS_NUM={cfg.TEXT.WORDS_NUM} word tokens", stacklevel=2)
-        z, eps = seeded_noise(cfg, len(lines), netG.arch)
         images = []
         for part in torch.arange(len(lines)).split(int(cfg.TRAIN.BATCH_SIZE)):
             words, sent, mask = encoder.encode_text(tokens[part].to(device))
-            images.append(netG(z[part].to(device), sent.float(), words.float(), mask,
-                               eps[part].to(device))[0][-1].cpu())
+            images.append(make_images(part, (words.float(), sent.float(), mask)).float().cpu())
         batch = torch.cat(images)
-        out = Path(cfg.OUTPUT_DIR) / "examples"
         for k, pic in enumerate(to_uint8(batch)):
             save_png_file(pic, out / name / f"{k}.png")
         written.append(save_caption_grid(batch, lines, out / f"{name}.png"))
         print(f"{path}: {len(lines)} captions -> {written[-1]}")
     return written
+
+
+@torch.no_grad()
+def generate_custom(cfg, device: torch.device, captions: str | None = None) -> list[Path]:
+    """DM-GAN's custom captions: one grid per caption file, noise seeded per line."""
+    encoder = load_frozen_encoder(cfg, device)
+    netG = generator_for_eval(cfg, encoder, device)
+
+    def make_images(lines: torch.Tensor, text: tuple) -> torch.Tensor:
+        # line k's noise comes from (SEED, k): the same whatever the file's length
+        noise = [seeded_noise(cfg, 1, netG.arch, offset=int(k)) for k in lines]
+        z, eps = (torch.cat([n[j] for n in noise]).to(device) for j in (0, 1))
+        words, sent, mask = text
+        return netG(z, sent, words, mask, eps)[0][-1]
+
+    return caption_file_grids(cfg, device, encoder, captions, make_images)

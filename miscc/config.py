@@ -134,6 +134,37 @@ def default_config() -> EasyDict:
                 "TEST_DIR": "",  # folder data: a folder of test images ('' = held-out share)
                 "HOLDOUT": 0.01,  # folder data without TEST_DIR: share held out for testing
             },
+            # CLIP-GEN's transformer (train_clipgen.py; docs/DESIGN.md §13): it predicts an
+            # image's VQGAN tokens from its CLIP image embedding; the CLIP encoder is
+            # TRAIN.NET_E (a stage-1 checkpoint) or, when empty, the CLIP section's weights
+            "CLIPGEN": {
+                "VQGAN": "",  # the tokenizer: a vqgan<N>.pth of train_vqgan.py, or its Model/
+                "N_LAYER": 24,  # GPT-2 medium (the paper's COCO model)
+                "N_EMBD": 1024,
+                "N_HEAD": 16,
+                "DROPOUT": 0.1,
+                "LR": 4.5e-4,  # AdamW (0.9, 0.95) peak, after WARMUP_STEPS, cosine to 0
+                "WEIGHT_DECAY": 0.01,  # on the Linear weights only (as CLIP-GEN's code)
+                "WARMUP_STEPS": 1000,
+                "GRAD_CLIP": 1.0,  # gradient-norm clip (0 = off)
+                # embedding reconstruction: CLIP(decode(straight-through softmax tokens)) vs
+                # the conditioning image embedding (MSE of unit vectors); 0 = off, and then
+                # neither the decoder nor the image tower runs in training
+                "RECON_WEIGHT": 0.2,
+                # LAFITE's language-free remedy for the text-image gap: the conditioning
+                # embedding h (unit length) becomes h + NOISE·ε/‖ε‖ in training (0 = off)
+                "NOISE": 0.0,
+                "VIEWS": 4,  # augmented views per training image in the token cache
+                "TOP_K": 500,  # sampling: candidates per token (0 = all codes)
+                "TOP_P": 0.95,  # ... then the smallest top-p share of them
+                "TEMPERATURE": 1.0,
+                "CANDIDATES": 1,  # >1: draw this many per caption, keep the best by CLIP score
+                "CONDITION": "text",  # evaluation prompt: text, or image (each test image's own
+                # embedding: the upper bound that measures the text-image gap)
+                "NET": "",  # a gpt_epoch_<N>.pth (or its Model/) to evaluate; '' = this run's
+                "SAMPLE_CAPTIONS": "",  # captions (a text file) for the training grids; '' =
+                # 16 test captions, or 16 test images' embeddings when the data has none
+            },
             "EVAL": {
                 # images the evaluation generates: 0 = one per test caption (CUB: 29,330);
                 # N = N distinct (image, caption) pairs drawn with SEED (COCO: 30,000, as
@@ -170,6 +201,7 @@ LEGACY_KEYS: dict[str, str | None] = {
 # string keys that take one of a few values: checked when a file or --set gives them
 CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.SMOOTH.SIMILARITY": ("dot", "cosine"),
+    "CLIPGEN.CONDITION": ("text", "image"),
 }
 
 LEGACY_REASONS = {

@@ -1,0 +1,352 @@
+"""CLIP-GEN's transformer stage (clipgen/trainer.py, clipgen/generate.py, train_clipgen.py):
+the reconstruction loss, the schedule, the cached batches, training without captions, exact
+resume, checkpoints tied to their tokenizer/encoder, evaluation like stage 2's."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, assert_same_tensors, flat_tensors
+from PIL import Image
+from test_vqgan import vq_cfg
+
+from clipgen.gpt import CondGPT, GPTArch
+from clipgen.models import draw_images
+from clipgen.trainer import (
+    CachedBatches,
+    CLIPGenTrainer,
+    decay_groups,
+    lafite_noise,
+    lr_at,
+    recon_loss,
+)
+from clipgen.vqgan import VQModel
+from miscc.config import load_config
+from miscc.training import EpochSampler
+from miscc.utils import atomic_torch_save
+from model import ClipEncoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+# 16 px images -> 4x4 tokens of a 16-code book; a 1-layer GPT; 24 train images / 4 = 6 steps
+GPT_TINY = ["GPU_ID=-1", "WORKERS=0", "TREE.BASE_SIZE=16", "TRAIN.BATCH_SIZE=4",
+            "TRAIN.MAX_EPOCH=2", "TRAIN.SNAPSHOT_INTERVAL=1", "CLIPGEN.N_LAYER=1",
+            "CLIPGEN.N_EMBD=16", "CLIPGEN.N_HEAD=2", "CLIPGEN.VIEWS=2",
+            "CLIPGEN.WARMUP_STEPS=3", "CLIPGEN.LR=0.01", "EVAL.JUDGE=none"]
+
+
+@pytest.fixture(scope="module")
+def vq_ckpt(shapes_dir, tmp_path_factory) -> Path:
+    """A tiny (untrained, seeded) tokenizer checkpoint as train_vqgan.py writes it."""
+    out = tmp_path_factory.mktemp("vq")
+    torch.manual_seed(0)
+    vq = VQModel.from_config(vq_cfg(shapes_dir, out))
+    path = out / "Model" / "vqgan2.pth"
+    atomic_torch_save(vq.checkpoint_state(), path)
+    return path
+
+
+def gen_cfg(data: Path, out: Path, vq: Path, encoder: Path, *overrides: str):
+    return load_config(ROOT / "cfg" / "clipgen_shapes.yml",
+                       [*GPT_TINY, f"DATA_DIR={data}", f"OUTPUT_DIR={out}",
+                        f"CLIPGEN.VQGAN={vq}", f"TRAIN.NET_E={encoder}", *overrides],
+                       quiet=True)
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """train_clipgen.main in this process; (exit code, stderr)."""
+    import train_clipgen
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train_clipgen.main(["--no-progress", *args])
+    return code, err.getvalue()
+
+
+def cli_sets(data: Path, out: Path, vq: Path, encoder: Path, *overrides: str) -> list[str]:
+    return ["--cfg", "cfg/clipgen_shapes.yml",
+            *[f"--set={s}" for s in (*GPT_TINY, f"DATA_DIR={data}", f"OUTPUT_DIR={out}",
+                                     f"CLIPGEN.VQGAN={vq}", f"TRAIN.NET_E={encoder}",
+                                     *overrides)]]
+
+
+def tiny_models(vq_ckpt: Path, encoder_ckpt: Path) -> tuple[CondGPT, VQModel, ClipEncoder]:
+    vq = VQModel.from_checkpoint(vq_ckpt).eval().requires_grad_(False)
+    encoder = ClipEncoder.from_checkpoint(encoder_ckpt).eval().requires_grad_(False)
+    torch.manual_seed(1)
+    gpt = CondGPT(GPTArch(vocab=16, tokens=16, cond_dim=64, n_layer=1, n_embd=16, n_head=2))
+    return gpt, vq, encoder
+
+
+# ------------------------------------------------------------------------------ the loss
+def test_recon_loss_value_and_gradient_through_the_decoder(vq_ckpt, tiny_encoder_ckpt) -> None:
+    """Forward: the image of the argmax tokens, through CLIP, vs the target (unit vectors).
+    Backward: the gradient reaches the transformer's weights through the frozen decoder and
+    image tower (straight-through softmax), at a 4x4 grid (not a hard-coded 16x16)."""
+    gpt, vq, encoder = tiny_models(vq_ckpt, tiny_encoder_ckpt)
+    tokens = torch.randint(0, 16, (3, 16))
+    emb = torch.randn(3, 64)
+    logits = gpt(tokens, emb)
+    loss = recon_loss(logits, vq, encoder, emb)
+    with torch.no_grad():
+        image = vq.decode_indices(logits.argmax(-1).view(3, 4, 4))
+        pred = F.normalize(encoder.encode_image(image)[1], dim=-1)
+        want = ((pred - F.normalize(emb, dim=-1)) ** 2).sum(-1).mean()
+    assert torch.allclose(loss, want, atol=1e-5)
+    loss.backward()
+    assert gpt.head.weight.grad is not None and gpt.head.weight.grad.abs().sum() > 0
+    assert gpt.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vq.parameters())
+    assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_lafite_noise_moves_unit_embeddings_by_the_level() -> None:
+    emb = torch.randn(5, 64) * 7
+    out = lafite_noise(emb, 0.25, torch.Generator().manual_seed(0))
+    offset = out - F.normalize(emb, dim=-1)
+    assert torch.allclose(offset.norm(dim=-1), torch.full((5,), 0.25), atol=1e-6)
+    again = lafite_noise(emb, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.5)  # half way through the cosine
+    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(32, 100, 2.0, 10) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 22 / 90)))
+
+
+def test_weight_decay_only_on_linear_weights() -> None:
+    gpt = CondGPT(GPTArch(vocab=16, tokens=16, cond_dim=8, n_layer=2, n_embd=16, n_head=2))
+    decay, rest = decay_groups(gpt, 0.01)
+    assert decay["weight_decay"] == 0.01 and rest["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay["params"]}
+    names = {n for n, p in gpt.named_parameters() if id(p) in decayed}
+    assert "head.weight" in names and "cond.weight" in names
+    assert "blocks.1.attn.qkv.weight" in names and "blocks.0.mlp.0.weight" in names
+    for kept in ("pos", "tok.weight", "ln_f.weight", "blocks.0.ln1.bias", "cond.bias"):
+        assert kept not in names
+    assert len(decay["params"]) + len(rest["params"]) == len(list(gpt.parameters()))
+
+
+def test_cached_batches_take_view_epoch_mod_views() -> None:
+    from clipgen.tokens import TokenCache
+
+    n, views = 6, 2
+    tokens = torch.arange(views * n)[:, None].repeat(1, 4).numpy()  # row r holds r
+    emb = torch.arange(views * n)[:, None].float().repeat(1, 3).numpy()
+    sampler = EpochSampler(n, 2, seed=3)
+    batches = CachedBatches(TokenCache(tokens, emb, views), sampler, 2)
+    for epoch in (0, 1, 2):
+        sampler.set_epoch(epoch)
+        order = [i for _, i in sampler]
+        rows = torch.cat([b["tokens"][:, 0] for b in batches])
+        assert rows.tolist() == [(epoch % views) * n + i for i in order]
+        assert len(batches) == 3
+    sampler.set_epoch(1, skip_batches=2)
+    assert len(batches) == 1 and len(list(batches)) == 1
+
+
+# --------------------------------------------------------------------------- sampling
+def test_draw_images_same_for_any_batch_split_and_reranks(vq_ckpt, tiny_encoder_ckpt,
+                                                          tmp_path) -> None:
+    """Images depend on (SEED, id) only; with CANDIDATES 3 each row is the candidate (ids
+    3b + j) whose CLIP embedding is closest to its condition."""
+    gpt, vq, encoder = tiny_models(vq_ckpt, tiny_encoder_ckpt)
+    cfg = load_config(ROOT / "cfg" / "clipgen_shapes.yml", ["CLIPGEN.TOP_K=5"], quiet=True)
+    cond, ids = torch.randn(5, 64), torch.tensor([4, 9, 0, 7, 2])
+    whole = draw_images(cfg, gpt, vq, cond, ids)
+    parts = torch.cat([draw_images(cfg, gpt, vq, cond[:2], ids[:2]),
+                       draw_images(cfg, gpt, vq, cond[2:], ids[2:])])
+    assert torch.equal(whole, parts) and whole.shape == (5, 3, 16, 16)
+    assert not torch.equal(whole[0], whole[1])
+    cfg.CLIPGEN.CANDIDATES = 3
+    best = draw_images(cfg, gpt, vq, cond, ids, encoder)
+    cfg.CLIPGEN.CANDIDATES = 1
+    for b in range(5):
+        cands = draw_images(cfg, gpt, vq, cond[b].repeat(3, 1), ids[b] * 3 + torch.arange(3))
+        with torch.no_grad():
+            score = F.cosine_similarity(encoder.encode_image(cands)[1], cond[b][None], dim=-1)
+        assert torch.equal(best[b], cands[score.argmax()])
+
+
+# ---------------------------------------------------------------------- training runs
+@pytest.fixture(scope="module")
+def trained(data_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path_factory) -> Path:
+    """train_clipgen.py: 2 epochs, then the test split drawn and scored (judge on)."""
+    out = tmp_path_factory.mktemp("clipgen")
+    code, err = run_cli(*cli_sets(data_dir, out, vq_ckpt, tiny_encoder_ckpt, "EVAL.JUDGE="))
+    assert code == 0, err
+    return out
+
+
+def test_training_writes_checkpoints_grids_logs_and_the_evaluation(trained) -> None:
+    model = trained / "Model"
+    assert sorted(p.name for p in model.glob("gpt_*.pth")) == ["gpt_epoch_1.pth",
+                                                               "gpt_epoch_2.pth"]
+    ckpt = torch.load(model / "gpt_epoch_2.pth", weights_only=True)
+    assert ckpt["format"] == "clipgen-gpt/1" and ckpt["step"] == 12
+    assert set(ckpt["sources"]) == {"tokenizer", "encoder"}
+    with Image.open(trained / "Image" / "G_epoch_2.png") as grid:
+        assert grid.size[0] > 4 * 16  # a captioned grid of the 12 test captions' images
+    assert (trained / "Image" / "G_epoch_0.png").is_file()
+    assert list((trained / "logs").glob("events.*"))
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["generator"] == "CLIP-GEN" and metrics["condition"] == "text"
+    assert metrics["images"] == 120  # every test caption: 12 images x 10
+    assert 0 <= metrics["r_precision"] <= 1 and "clip_score" in metrics
+    assert set(metrics["judge"]) >= {"shape", "colour", "size", "pos", "bg"}
+    gap = metrics["modality_gap"]
+    assert gap["images"] == 12 and gap["captions"] == 120
+    assert -1 <= gap["unpaired_cosine"] <= 1 and gap["mean_offset"] >= 0
+    pngs = sorted((trained / "valid" / "single").rglob("*.png"))
+    assert len(pngs) == 120 and pngs[0].name.endswith("_s0.png")
+    with Image.open(pngs[0]) as img:
+        assert img.size == (16, 16)
+
+
+def test_eval_only_reproduces_the_images_and_r_precision_reads_them(
+        trained, data_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path) -> None:
+    """--eval of the saved checkpoint draws the same PNGs (into another folder, with another
+    batch size) and r_precision.py scores that tree without a missing-image warning."""
+    out = tmp_path / "again"
+    code, err = run_cli("--eval", *cli_sets(data_dir, out, vq_ckpt, tiny_encoder_ckpt,
+                                            f"CLIPGEN.NET={trained / 'Model'}",
+                                            "TRAIN.BATCH_SIZE=7"))
+    assert code == 0, err
+    tree = trained / "valid" / "single"
+    first = sorted(tree.rglob("*.png"))
+    for p in first[:30]:
+        assert p.read_bytes() == (out / "valid" / "single" / p.relative_to(tree)).read_bytes()
+    from r_precision import score_tree
+
+    cfg = gen_cfg(data_dir, out, vq_ckpt, tiny_encoder_ckpt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = score_tree(cfg, out / "valid" / "single", CPU, progress=False)
+    assert not [w for w in caught if "missing" in str(w.message)]
+    stored = json.loads((out / "metrics.json").read_text())
+    assert result["r_precision"] == pytest.approx(stored["r_precision"])
+    assert result["images"] == 120
+
+
+def test_image_condition_writes_its_own_tree(trained, data_dir, vq_ckpt,
+                                             tiny_encoder_ckpt) -> None:
+    code, err = run_cli("--eval", *cli_sets(data_dir, trained, vq_ckpt, tiny_encoder_ckpt,
+                                            "CLIPGEN.CONDITION=image"))
+    assert code == 0, err
+    metrics = json.loads((trained / "image_condition" / "metrics.json").read_text())
+    assert metrics["condition"] == "image" and metrics["images"] == 120
+    images = trained / "image_condition" / "valid" / "single"
+    assert len(list(images.rglob("*.png"))) == 120
+    # the ten captions of an image share its embedding as the prompt, not their noise ids
+    first = sorted(images.rglob("*_s0.png"))[0]
+    second = first.with_name(first.name.replace("_s0.png", "_s1.png"))
+    assert first.read_bytes() != second.read_bytes()
+
+
+def test_custom_captions_grid(trained, data_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path) -> None:
+    captions = tmp_path / "mine.txt"
+    captions.write_text("a red circle\n\na small blue square on the left\n")
+    code, err = run_cli("--captions", str(captions),
+                        *cli_sets(data_dir, trained, vq_ckpt, tiny_encoder_ckpt))
+    assert code == 0, err
+    assert (trained / "examples" / "mine.png").is_file()
+    assert sorted(p.name for p in (trained / "examples" / "mine").glob("*.png")) == \
+        ["0.png", "1.png"]
+
+
+def test_a_checkpoint_of_another_tokenizer_is_one_clear_error(
+        trained, data_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path) -> None:
+    other = tmp_path / "Model" / "vqgan2.pth"
+    state = torch.load(vq_ckpt, weights_only=True)
+    state["state_dict"]["decoder.conv_out.bias"] += 1.0
+    atomic_torch_save(state, other)
+    code, err = run_cli("--eval", *cli_sets(data_dir, tmp_path / "e", other, tiny_encoder_ckpt,
+                                            f"CLIPGEN.NET={trained / 'Model'}"))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {trained / 'Model' / 'gpt_epoch_2.pth'} was trained with "
+                          f"the tokenizer {vq_ckpt}")
+    assert f"CLIPGEN.VQGAN loads {other}" in err
+
+
+def test_training_reads_no_caption(shapes_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path,
+                                   monkeypatch) -> None:
+    """With every caption file gone, training (reconstruction term on, zero-weight path off)
+    completes, and the sample grids fall back to test images' own embeddings."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    shutil.rmtree(data / "text")
+    cfg = gen_cfg(data, tmp_path / "out", vq_ckpt, tiny_encoder_ckpt, "TRAIN.MAX_EPOCH=1")
+    trainer = CLIPGenTrainer(cfg, CPU, progress=False)
+    summary = trainer.train()
+    assert summary["step"] == 6 and math.isfinite(summary["losses"]["recon"])
+    assert summary["losses"]["recon"] > 0
+    with Image.open(tmp_path / "out" / "Image" / "G_epoch_1.png") as grid:
+        assert grid.size == (12 * 64, 2 * 64)  # 12 test images above their samples
+
+
+def test_zero_reconstruction_weight_runs_neither_decoder_nor_image_tower(
+        data_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path) -> None:
+    cfg = gen_cfg(data_dir, tmp_path, vq_ckpt, tiny_encoder_ckpt, "CLIPGEN.RECON_WEIGHT=0")
+    trainer = CLIPGenTrainer(cfg, CPU, progress=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("called with RECON_WEIGHT 0")
+
+    trainer.vq.decode_codes = forbidden
+    trainer.encoder.encode_image = forbidden
+    trainer.sampler.set_epoch(0)
+    for batch, _ in zip(trainer.loader, range(3), strict=False):
+        stats = trainer.train_step(batch)
+        trainer.step += 1
+    assert stats["recon"] == 0.0 and stats["ce"] > 0
+
+
+def test_resume_is_exact(data_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path) -> None:
+    """7 steps, stop, resume to 12 = 12 straight: weights, optimizer, with dropout, LAFITE
+    noise and the reconstruction term all on (the schedule follows MAX_EPOCH, not MAX_STEPS)."""
+    extra = ("CLIPGEN.NOISE=0.2", "CLIPGEN.DROPOUT=0.1")
+
+    def run(out: Path, *overrides: str) -> dict:
+        cfg = gen_cfg(data_dir, out, vq_ckpt, tiny_encoder_ckpt, *extra, *overrides)
+        return CLIPGenTrainer(cfg, CPU, progress=False).train()
+
+    run(tmp_path / "a", "TRAIN.MAX_STEPS=7")
+    assert run(tmp_path / "a")["step"] == 12
+    run(tmp_path / "b")
+    a, b = (torch.load(p / "Model" / "state_step_12.pth", weights_only=True)
+            for p in (tmp_path / "a", tmp_path / "b"))
+    assert_same_tensors(flat_tensors(a["gpt"]["state_dict"]), flat_tensors(b["gpt"]["state_dict"]))
+    assert_same_tensors(flat_tensors(a["opt"]), flat_tensors(b["opt"]))
+
+
+def test_two_process_run_keeps_replicas_equal(data_dir, vq_ckpt, tiny_encoder_ckpt,
+                                              tmp_path) -> None:
+    """torchrun --nproc_per_node 2 (gloo): train_clipgen.py checks the replicas are equal after
+    training, and the evaluation draws every test caption once across the two processes."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "train_clipgen.py", "--no-progress",
+                          *cli_sets(data_dir, out, vq_ckpt, tiny_encoder_ckpt,
+                                    "TRAIN.BATCH_SIZE=2", "TRAIN.MAX_EPOCH=1")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = torch.load(out / "Model" / "state_step_6.pth", weights_only=True)
+    assert state["world"] == 2 and state["step"] == 6
+    assert json.loads((out / "metrics.json").read_text())["images"] == 120
