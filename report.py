@@ -1,7 +1,8 @@
 """Write a Markdown report of a pipeline run: loss curves, sample grid, attention map, metrics.
 
     python report.py --stage1 cfg/DAMSM/shapes.yml --stage2 cfg/clip_shapes_DMGAN.yml \
-        --out output/demo [--fid output/demo/fid.json] [--is output/demo/is.json]
+        --out output/demo [--fid output/demo/fid.json] [--is output/demo/is.json] \
+        [--clipgen cfg/clipgen_shapes.yml [--clipgen-fid output/demo/fid_clipgen.json]]
 
 It reads only what the stages wrote (TensorBoard logs, PNGs, metrics.json), so it can be
 re-run at any time and works for any dataset's configs.
@@ -153,9 +154,85 @@ def judge_rows(metrics: dict | None) -> list[str]:
     return rows
 
 
+def _pct(entry: dict | None, key: str, std: str | None = None) -> str:
+    if not entry or entry.get(key) is None:
+        return "–"
+    text = f"{100 * entry[key]:.1f}"
+    return f"{text} ± {100 * entry[std]:.1f}" if std and entry.get(std) is not None else text
+
+
+def comparison_rows(columns: list[tuple[str, dict | None, dict | None]]) -> list[str]:
+    """One table, a column per generator (title, metrics.json, fid_score.py --json result):
+    R-precision with the training encoder and with the independent scorer, CLIP score, the
+    shapes judge per attribute, FID / IS when measured."""
+    def row(title: str, cell) -> str:
+        return f"| {title} | " + " | ".join(cell(m, f) for _, m, f in columns) + " |"
+
+    rows = ["| | " + " | ".join(t for t, _, _ in columns) + " |",
+            "| --- |" + " --- |" * len(columns),
+            row("R-precision, training encoder (%)",
+                lambda m, f: _pct(m, "r_precision", "r_precision_std")),
+            row("R-precision, independent scorer (%)",
+                lambda m, f: _pct((m or {}).get("independent"), "r_precision",
+                                  "r_precision_std")),
+            row("CLIP score", lambda m, f: f"{m['clip_score']:.2f}" if m else "–")]
+    for key, title in JUDGE_COLUMNS:
+        rows.append(row(f"judge: {title} (%)", lambda m, f, k=key: _pct((m or {}).get("judge"),
+                                                                         k)))
+    rows.append(row("FID", lambda m, f: f"{f['fid']:.2f}" if f and "fid" in f else "–"))
+    rows.append(row("Inception Score", lambda m, f: f"{f['is_mean']:.2f}"
+                    if f and "is_mean" in f else "–"))
+    rows.append(row("test images", lambda m, f: str(m["images"]) if m else "not run"))
+    return rows
+
+
+def comparison_section(dmgan_dir: Path, clipgen_dir: Path, out: Path,
+                       dmgan_fid: Path | None = None, clipgen_fid: Path | None = None
+                       ) -> list[str]:
+    """Markdown lines putting DM-GAN and CLIP-GEN side by side on the same test captions:
+    metrics, the image-conditioned upper bound, the modality gap, both sample grids and
+    CLIP-GEN's training curves (PNGs copied into `out`)."""
+    dmgan = _read_json(dmgan_dir / "metrics.json")
+    clipgen = _read_json(clipgen_dir / "metrics.json")
+    upper = _read_json(clipgen_dir / "image_condition" / "metrics.json")
+    lines = ["## DM-GAN and CLIP-GEN side by side", "",
+             f"DM-GAN: `{dmgan_dir}`; CLIP-GEN: `{clipgen_dir}`. Both draw one image per test "
+             "caption; CLIP-GEN prompted with the caption's CLIP text embedding, and (last "
+             "column) with the test image's own CLIP image embedding, the kind of input it was "
+             "trained on: the upper bound that shows what the text-image gap costs.", ""]
+    lines += comparison_rows([("DM-GAN", dmgan, _read_json(dmgan_fid)),
+                              ("CLIP-GEN (text)", clipgen, _read_json(clipgen_fid)),
+                              ("CLIP-GEN (image embedding)", upper, None)])
+    gap = (clipgen or {}).get("modality_gap")
+    if gap:
+        lines += ["", f"Modality gap of the CLIP encoder over {gap['images']} test images and "
+                  f"{gap['captions']} captions (unit vectors): a caption's cosine with its own "
+                  f"image {gap['paired_cosine']:.3f}, with another image "
+                  f"{gap['unpaired_cosine']:.3f}; distance between the mean text and the mean "
+                  f"image embedding {gap['mean_offset']:.3f}."]
+    lines.append("")
+    for title, folder, name in (("DM-GAN samples", dmgan_dir, "dmgan_samples.png"),
+                                ("CLIP-GEN samples", clipgen_dir, "clipgen_samples.png")):
+        found = newest_png(folder / "Image", "G_*.png")
+        lines += [f"### {title}", ""]
+        if found is None:
+            lines += ["Not found (the stage has not written it yet).", ""]
+            continue
+        shutil.copyfile(found, out / name)
+        lines += [f"![{title}]({name})", "", f"(copied from `{found}`)", ""]
+    picture = plot_curves(read_scalars(clipgen_dir), "CLIP-GEN transformer",
+                          out / "clipgen_losses.png")
+    if picture:
+        lines += ["### CLIP-GEN training curves", "", "![CLIP-GEN curves](clipgen_losses.png)",
+                  ""]
+    return lines
+
+
 def build_report(stage1_dir: Path, stage2_dir: Path, out: Path, metrics_file: Path | None = None,
-                 fid_file: Path | None = None, is_file: Path | None = None) -> Path:
-    """Write `out/report.md` and its PNGs from the two stages' output folders."""
+                 fid_file: Path | None = None, is_file: Path | None = None,
+                 clipgen_dir: Path | None = None, clipgen_fid: Path | None = None) -> Path:
+    """Write `out/report.md` and its PNGs from the two stages' output folders (and, with
+    `clipgen_dir`, CLIP-GEN's beside DM-GAN's)."""
     with disk_writes(out):
         out.mkdir(parents=True, exist_ok=True)
     lines = ["# Pipeline report", "",
@@ -194,6 +271,9 @@ def build_report(stage1_dir: Path, stage2_dir: Path, out: Path, metrics_file: Pa
         shutil.copyfile(found, out / name)
         lines += [f"![{title}]({name})", "", f"(copied from `{found}`)", ""]
 
+    if clipgen_dir is not None:
+        lines += comparison_section(stage2_dir, clipgen_dir, out, fid_file, clipgen_fid)
+
     report = out / "report.md"
     atomic_write_bytes(report, "\n".join(lines).encode())
     return report
@@ -217,10 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fid", default=None, help="fid_score.py --json output, if run")
     parser.add_argument("--is", dest="isc", default=None,
                         help="inception_score.py --json output, if run")
+    parser.add_argument("--clipgen", default=None,
+                        help="CLIP-GEN's config (cfg/clipgen_*.yml) or output folder: adds a "
+                             "section with both generators side by side")
+    parser.add_argument("--clipgen-fid", default=None,
+                        help="fid_score.py --json output for CLIP-GEN's images, if run")
     parser.add_argument("--out", required=True, help="folder for report.md and its PNGs")
     args = parser.parse_args(argv)
     try:
         dirs = [output_dir(c) for c in (args.stage1, args.stage2)]
+        clipgen = output_dir(args.clipgen) if args.clipgen else None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -228,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         report = build_report(dirs[0], dirs[1], Path(args.out),
                               Path(args.metrics) if args.metrics else None,
                               Path(args.fid) if args.fid else None,
-                              Path(args.isc) if args.isc else None)
+                              Path(args.isc) if args.isc else None, clipgen,
+                              Path(args.clipgen_fid) if args.clipgen_fid else None)
     except DiskError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

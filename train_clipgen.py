@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
 
     def body() -> int | None:
-        from clipgen.generate import evaluate, generate_custom
+        from clipgen.generate import evaluate, generate_custom, has_captions
         from clipgen.trainer import CLIPGenTrainer
 
         if args.captions is not None:
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.main:
             print(f"done: epoch {summary['epoch']}, step {summary['step']}; checkpoints in "
                   f"{trainer.model_dir}, sample grids in {trainer.image_dir}")
+        if not has_captions(cfg):
+            if trainer.main:
+                print(f"{cfg.DATA_DIR} has no captions: no test-split evaluation; draw text "
+                      "prompts with --captions FILE")
+            return None
         label = f"{trainer.model_dir} (step {summary['step']})"
         evaluate(cfg, device, progress, (trainer.gpt, trainer.vq, trainer.encoder, label))
         return None

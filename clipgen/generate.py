@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clipgen.data import is_layout
 from clipgen.gpt import CondGPT
 from clipgen.models import GPT_PATTERN, draw_images, load_gpt, load_tokenizer, sources
 from clipgen.trainer import encoder_name
 from clipgen.vqgan import VQModel
-from datasets import TextImageDataset
+from datasets import DataError, TextImageDataset
 from miscc.training import resolve_checkpoint
 from miscc.utils import is_main_process
 from model import ClipEncoder
@@ -24,6 +25,11 @@ from sampling import caption_file_grids, evaluate_test_set, test_split
 from text_features import load_frozen_encoder, text_feature_cache
 
 GAP_IMAGES = 1000  # test images (all their captions) the modality gap is measured on
+
+
+def has_captions(cfg) -> bool:
+    """Whether DATA_DIR is an AttnGAN layout (captions), not a plain folder of images."""
+    return is_layout(Path(str(cfg.DATA_DIR)))
 
 
 def load_models(cfg, device: torch.device) -> tuple[CondGPT, VQModel, ClipEncoder, Path]:
@@ -72,6 +78,10 @@ def evaluate(cfg, device: torch.device, progress: bool = True,
     """Draw and score the test split (CLIPGEN.CONDITION text or image) with `models` (the
     ones just trained) or `load_models`; rank 0 returns the metrics (also in
     `<out>/metrics.json`, out = OUTPUT_DIR, or its image_condition/)."""
+    if not has_captions(cfg):
+        raise DataError(f"DATA_DIR {cfg.DATA_DIR} is a folder of images without captions: the "
+                        "test-split evaluation needs a captioned layout (e.g. --data_dir "
+                        "data/coco); draw text prompts with --captions FILE")
     gpt, vq, encoder, path = models or load_models(cfg, device)
     was_training = gpt.training
     gpt.eval()

@@ -44,7 +44,8 @@ CPU = torch.device("cpu")
 GPT_TINY = ["GPU_ID=-1", "WORKERS=0", "TREE.BASE_SIZE=16", "TRAIN.BATCH_SIZE=4",
             "TRAIN.MAX_EPOCH=2", "TRAIN.SNAPSHOT_INTERVAL=1", "CLIPGEN.N_LAYER=1",
             "CLIPGEN.N_EMBD=16", "CLIPGEN.N_HEAD=2", "CLIPGEN.VIEWS=2",
-            "CLIPGEN.WARMUP_STEPS=3", "CLIPGEN.LR=0.01", "EVAL.JUDGE=none"]
+            "CLIPGEN.WARMUP_STEPS=3", "CLIPGEN.LR=0.01", "EVAL.JUDGE=none", "CPU_THREADS=1",
+            "CLIPGEN.CANDIDATES=1"]
 
 
 @pytest.fixture(scope="module")
@@ -350,3 +351,14 @@ def test_two_process_run_keeps_replicas_equal(data_dir, vq_ckpt, tiny_encoder_ck
     state = torch.load(out / "Model" / "state_step_6.pth", weights_only=True)
     assert state["world"] == 2 and state["step"] == 6
     assert json.loads((out / "metrics.json").read_text())["images"] == 120
+
+
+def test_evaluation_of_folder_data_without_captions_is_one_clear_error(
+        shapes_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path) -> None:
+    folder = tmp_path / "pictures"
+    shutil.copytree(shapes_dir / "CUB_200_2011" / "images", folder)
+    code, err = run_cli("--eval", *cli_sets(folder, tmp_path / "out", vq_ckpt,
+                                            tiny_encoder_ckpt))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: DATA_DIR {folder} is a folder of images without captions")
+    assert "--captions FILE" in err

@@ -112,3 +112,40 @@ def test_independent_scorer_and_judge_rows(tmp_path):
     text = report.build_report(tmp_path / "s1", tmp_path / "s2", tmp_path / "out",
                                metrics_file=tmp_path / "m.json").read_text()
     assert "independent scorer" not in text and "Shapes judge" not in text
+
+
+def test_side_by_side_section_for_clipgen(tmp_path):
+    """--clipgen adds one table with a column per generator (and the image-conditioned upper
+    bound), the modality gap, both sample grids and CLIP-GEN's curves."""
+    s1, s2, cg, out = (tmp_path / n for n in ("s1", "s2", "cg", "report"))
+    _stage(s1, ["loss/w0"], "attention", "attention_3.png")
+    _stage(s2, ["loss/g"], "Image", "G_epoch_4.png")
+    _stage(cg, ["train/ce"], "Image", "G_epoch_40.png")
+    judge = {"shape": 0.5, "colour": 0.9, "size": 0.6, "pos": 0.2, "bg": 0.3, "mean": 0.5}
+    (s2 / "metrics.json").write_text(json.dumps(
+        {"images": 2000, "clip_score": 90.0, "r_precision": 0.993, "r_precision_std": 0.005,
+         "judge": judge, "independent": {"encoder": "x", "r_precision": 0.25,
+                                         "r_precision_std": 0.01, "clip_score": 3.0}}))
+    (cg / "metrics.json").write_text(json.dumps(
+        {"images": 2000, "clip_score": 58.5, "r_precision": 0.304, "r_precision_std": 0.04,
+         "judge": {**judge, "shape": 0.248},
+         "modality_gap": {"images": 200, "captions": 2000, "paired_cosine": 0.88,
+                          "unpaired_cosine": 0.001, "mean_offset": 0.162}}))
+    (cg / "image_condition").mkdir()
+    (cg / "image_condition" / "metrics.json").write_text(json.dumps(
+        {"images": 2000, "clip_score": 50.4, "r_precision": 0.227, "r_precision_std": 0.024}))
+    (tmp_path / "fid_cg.json").write_text(json.dumps({"fid": 41.234, "is_mean": 3.5}))
+    assert report.main(["--stage1", str(s1), "--stage2", str(s2), "--clipgen", str(cg),
+                        "--clipgen-fid", str(tmp_path / "fid_cg.json"), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| | DM-GAN | CLIP-GEN (text) | CLIP-GEN (image embedding) |" in text
+    assert "| R-precision, training encoder (%) | 99.3 ± 0.5 | 30.4 ± 4.0 | 22.7 ± 2.4 |" in text
+    assert "| R-precision, independent scorer (%) | 25.0 ± 1.0 | – | – |" in text
+    assert "| judge: shape (%) | 50.0 | 24.8 | – |" in text
+    assert "| FID | – | 41.23 | – |" in text and "| Inception Score | – | 3.50 | – |" in text
+    assert "with its own image 0.880, with another image 0.001" in text
+    assert "mean image embedding 0.162" in text
+    for name in ("dmgan_samples.png", "clipgen_samples.png", "clipgen_losses.png"):
+        assert f"]({name})" in text and (out / name).is_file()
+    assert (out / "clipgen_samples.png").read_bytes() == \
+        (cg / "Image" / "G_epoch_40.png").read_bytes()
