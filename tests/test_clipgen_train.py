@@ -362,3 +362,25 @@ def test_evaluation_of_folder_data_without_captions_is_one_clear_error(
     assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: DATA_DIR {folder} is a folder of images without captions")
     assert "--captions FILE" in err
+
+
+def test_paper_configs_give_gpt2_medium_on_the_coco_tokenizer() -> None:
+    """cfg/clipgen_coco.yml and the ImageNet variant: GPT-2 medium over the 16x16 tokens of a
+    16384-code book, conditioned on pretrained ViT-B/32 (never fine-tuned on captions)."""
+    from types import SimpleNamespace
+
+    from clipgen.models import gpt_arch
+    from clipgen.vqgan import VQArch
+
+    tokenizer = SimpleNamespace(arch=VQArch.from_config(
+        load_config(ROOT / "cfg" / "VQGAN" / "coco.yml", quiet=True)))
+    for name in ("clipgen_coco.yml", "clipgen_imagenet.yml"):
+        cfg = load_config(ROOT / "cfg" / name, quiet=True)
+        a = gpt_arch(cfg, tokenizer, SimpleNamespace(embed_dim=512))
+        assert (a.vocab, a.tokens, a.cond_dim, a.n_layer, a.n_embd, a.n_head) == \
+            (16384, 256, 512, 24, 1024, 16), name
+        assert cfg.TRAIN.NET_E == "" and cfg.CLIP.MODEL == "ViT-B/32", name
+        assert cfg.CLIP.PRETRAINED == "openai" and cfg.TREE.BASE_SIZE == 256, name
+    coco = load_config(ROOT / "cfg" / "clipgen_coco.yml", quiet=True)
+    assert (coco.CLIPGEN.TOP_K, coco.CLIPGEN.TOP_P, coco.CLIPGEN.RECON_WEIGHT) == (500, 0.95, 0.2)
+    assert coco.EVAL.NUM_IMAGES == 30000
