@@ -154,6 +154,16 @@ def judge_rows(metrics: dict | None) -> list[str]:
     return rows
 
 
+def picture_lines(heading: str, found: Path | None, out: Path, name: str) -> list[str]:
+    """A report section showing the PNG `found` (copied to `out/name`), or saying it is
+    missing."""
+    title = heading.lstrip("# ")
+    if found is None:
+        return [heading, "", "Not found (the stage has not written it yet).", ""]
+    shutil.copyfile(found, out / name)
+    return [heading, "", f"![{title}]({name})", "", f"(copied from `{found}`)", ""]
+
+
 def _pct(entry: dict | None, key: str, std: str | None = None) -> str:
     if not entry or entry.get(key) is None:
         return "–"
@@ -213,13 +223,8 @@ def comparison_section(dmgan_dir: Path, clipgen_dir: Path, out: Path,
     lines.append("")
     for title, folder, name in (("DM-GAN samples", dmgan_dir, "dmgan_samples.png"),
                                 ("CLIP-GEN samples", clipgen_dir, "clipgen_samples.png")):
-        found = newest_png(folder / "Image", "G_*.png")
-        lines += [f"### {title}", ""]
-        if found is None:
-            lines += ["Not found (the stage has not written it yet).", ""]
-            continue
-        shutil.copyfile(found, out / name)
-        lines += [f"![{title}]({name})", "", f"(copied from `{found}`)", ""]
+        lines += picture_lines(f"### {title}", newest_png(folder / "Image", "G_*.png"), out,
+                               name)
     picture = plot_curves(read_scalars(clipgen_dir), "CLIP-GEN transformer",
                           out / "clipgen_losses.png")
     if picture:
@@ -264,12 +269,7 @@ def build_report(stage1_dir: Path, stage2_dir: Path, out: Path, metrics_file: Pa
              newest_png(stage2_dir / "Image"), "samples.png"),
             ("Word attention over image regions (stage 1)",
              newest_png(stage1_dir, "*att*.png"), "attention.png")):
-        lines += [f"## {title}", ""]
-        if found is None:
-            lines += ["Not found (the stage has not written it yet).", ""]
-            continue
-        shutil.copyfile(found, out / name)
-        lines += [f"![{title}]({name})", "", f"(copied from `{found}`)", ""]
+        lines += picture_lines(f"## {title}", found, out, name)
 
     if clipgen_dir is not None:
         lines += comparison_section(stage2_dir, clipgen_dir, out, fid_file, clipgen_fid)
