@@ -295,9 +295,7 @@ class GANTrainer(EpochTrainer):
             self.save_samples()
 
     def _after_step(self, stats: dict[str, float], bar: tqdm) -> None:
-        if self.writer is not None and self.step % 10 == 0:
-            for k, v in stats.items():
-                self.writer.add_scalar(f"loss/{k}", v, self.step)
+        self.log_scalars(stats, "loss")
         d_sum = sum(stats[f"D{i}"] for i in range(len(self.netDs)))
         bar.set_postfix(D=f"{d_sum:.3f}", G=f"{stats['G']:.3f}")
 

@@ -296,9 +296,7 @@ class CLIPGenTrainer(EpochTrainer):
             self.save_samples()
 
     def _after_step(self, stats: dict[str, float], bar: tqdm) -> None:
-        if self.writer is not None and self.step % 10 == 0:
-            for k, v in stats.items():
-                self.writer.add_scalar(f"train/{k}", v, self.step)
+        self.log_scalars(stats, "train")
         bar.set_postfix(ce=f"{stats['ce']:.3f}", recon=f"{stats['recon']:.3f}")
 
     def _after_epoch(self, stats: dict[str, float], snapshot: bool) -> None:

@@ -332,9 +332,7 @@ class VQGANTrainer(EpochTrainer):
         return {**super().train(), "val": self.val}
 
     def _after_step(self, stats: dict[str, float], bar: tqdm) -> None:
-        if self.writer is not None and (self.step % 10 == 0 or "usage" in stats):
-            for k, val in stats.items():
-                self.writer.add_scalar(f"train/{k}", val, self.step)
+        self.log_scalars(stats, "train", force="usage" in stats)
         bar.set_postfix(l1=f"{stats['l1']:.3f}", ppl=f"{stats['perplexity']:.0f}")
 
     def _after_epoch(self, stats: dict[str, float], snapshot: bool) -> None:

@@ -354,6 +354,12 @@ class EpochTrainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.amp, self.amp_dtype)
 
+    def log_scalars(self, stats: Mapping[str, float], prefix: str, force: bool = False) -> None:
+        """TensorBoard scalars `<prefix>/<name>` of this step, every 10th step (or `force`)."""
+        if self.writer is not None and (force or self.step % 10 == 0):
+            for k, v in stats.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, self.step)
+
     def checked(self, values: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """`finite_stats` of the step's losses; the same all-reduce carries this process's
         stop request, so every process learns in the same step whether any was signalled."""
