@@ -24,7 +24,7 @@ from miscc.training import resolve_checkpoint
 from miscc.utils import atomic_write_bytes, barrier, is_main_process
 from model import ClipEncoder, Generator, gan_arch, load_generator
 from r_precision import independent_entry, load_independent_encoder, report_lines, score_generated
-from text_features import load_frozen_encoder, text_feature_cache
+from text_features import TextFeatures, load_frozen_encoder, text_feature_cache
 
 
 def generator_for_eval(cfg, encoder: ClipEncoder, device: torch.device) -> Generator:
@@ -106,7 +106,7 @@ def test_split(cfg) -> TextImageDataset:
 @torch.no_grad()
 def evaluate_test_set(cfg, device: torch.device, encoder: ClipEncoder, data: TextImageDataset,
                       make_images: MakeImages, source: dict, out_root: Path | None = None,
-                      progress: bool = True) -> dict | None:
+                      progress: bool = True, text: TextFeatures | None = None) -> dict | None:
     """The evaluation both generators share (docs/DESIGN.md §9): `make_images` draws the test
     pairs of `eval_items`, shared out over processes; each is written as
     `<out_root>/valid/single/<key>_s<k>.png` (out_root: OUTPUT_DIR) and scored as saved (8-bit)
@@ -116,7 +116,8 @@ def evaluate_test_set(cfg, device: torch.device, encoder: ClipEncoder, data: Tex
     world = dist.get_world_size() if dist.is_initialized() else 1
     judge = EvalJudge.from_config(cfg, data.info)  # load problems end the run before drawing
     other, other_info = load_independent_encoder(cfg, device) or (None, None)
-    text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
+    if text is None:  # the caption features, unless the caller has them open already
+        text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
     other_text = (text_feature_cache(cfg, "test", data.tokens, other, device, progress)
                   if other is not None else None)
     items, pick, protocol = eval_items(cfg, data.num_captions)

@@ -70,7 +70,7 @@ def encoder_digest(encoder: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _cache_root(cfg) -> Path:
+def feature_cache_root(cfg) -> Path:
     """CACHE_DIR (default <DATA_DIR>/cache) when writable, else <OUTPUT_DIR>/cache."""
     root = cache_root(cfg)
     with contextlib.suppress(OSError):
@@ -118,7 +118,7 @@ def text_feature_cache(cfg, split: str, tokens: torch.Tensor, encoder: ClipEncod
     """
     key = hashlib.sha256((encoder_digest(encoder) + split).encode()
                          + tokens.numpy().tobytes()).hexdigest()[:16]
-    folder = _cache_root(cfg) / f"text_{split}_{key}"
+    folder = feature_cache_root(cfg) / f"text_{split}_{key}"
     meta = folder / "meta.json"
     if is_local_main_process() and not meta.is_file():
         shapes = encode_all_captions(encoder, tokens, device, folder, progress=progress)

@@ -83,16 +83,6 @@ def evaluate(cfg, device: torch.device, progress: bool = True,
                         "test-split evaluation needs a captioned layout (e.g. --data_dir "
                         "data/coco); draw text prompts with --captions FILE")
     gpt, vq, encoder, path = models or load_models(cfg, device)
-    was_training = gpt.training
-    gpt.eval()
-    try:
-        return _evaluate(cfg, device, gpt, vq, encoder, str(path), progress)
-    finally:
-        gpt.train(was_training)
-
-
-def _evaluate(cfg, device: torch.device, gpt: CondGPT, vq: VQModel, encoder: ClipEncoder,
-              path: str, progress: bool) -> dict | None:
     data = test_split(cfg)
     condition = str(cfg.CLIPGEN.CONDITION)
 
@@ -103,7 +93,7 @@ def _evaluate(cfg, device: torch.device, gpt: CondGPT, vq: VQModel, encoder: Cli
         return draw_images(cfg, gpt, vq, cond, pairs, encoder)
 
     c = cfg.CLIPGEN
-    source = {"generator": "CLIP-GEN", "checkpoint": path, "condition": condition,
+    source = {"generator": "CLIP-GEN", "checkpoint": str(path), "condition": condition,
               "sampling": {"top_k": int(c.TOP_K), "top_p": float(c.TOP_P),
                            "temperature": float(c.TEMPERATURE),
                            "candidates": int(c.CANDIDATES)}}
@@ -111,7 +101,8 @@ def _evaluate(cfg, device: torch.device, gpt: CondGPT, vq: VQModel, encoder: Cli
     if is_main_process():
         source["modality_gap"] = modality_gap(encoder, data, text.sent, device)
     out = Path(cfg.OUTPUT_DIR) / ("image_condition" if condition == "image" else "")
-    return evaluate_test_set(cfg, device, encoder, data, make_images, source, out, progress)
+    return evaluate_test_set(cfg, device, encoder, data, make_images, source, out, progress,
+                             text)
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ from miscc.utils import (
     rng_state,
 )
 from model import ClipEncoder
-from text_features import _cache_root, load_frozen_encoder
+from text_features import feature_cache_root, load_frozen_encoder
 
 STATE_FORMAT = "clipgen-train-state/1"
 
@@ -141,7 +141,7 @@ class CLIPGenTrainer(EpochTrainer):
             raise DataError(f"TRAIN.BATCH_SIZE={self.batch} per process is larger than the "
                             f"train split's share of each of the {world} processes "
                             f"({len(data) // world} images); lower TRAIN.BATCH_SIZE")
-        self.cache = token_cache(_cache_root(cfg), data, self.vq, self.encoder, device,
+        self.cache = token_cache(feature_cache_root(cfg), data, self.vq, self.encoder, device,
                                  int(c.VIEWS), int(cfg.SEED), workers=int(cfg.WORKERS),
                                  progress=self.progress)
         self.sampler = EpochSampler(len(data), self.batch, int(cfg.SEED), rank, world)
