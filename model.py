@@ -15,7 +15,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.pretrained import get_pretrained_cfg
+from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.nn.utils import parametrize
@@ -80,6 +80,10 @@ def _create_clip(spec: dict, load_weights: bool) -> nn.Module:
     quick_gelu = bool(spec.get("quick_gelu")) or bool((tag_cfg or {}).get("quick_gelu"))
     spec["quick_gelu"] = quick_gelu
     try:
+        # fetch (or find in the cache) the weights before building the model: offline, a
+        # missing download is reported at once instead of after a minute of random init
+        if tag_cfg:
+            download_pretrained(tag_cfg)
         return open_clip.create_model(spec["model"], pretrained=tag or None,
                                       force_quick_gelu=quick_gelu,
                                       require_pretrained=bool(tag))

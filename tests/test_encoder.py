@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 
+import model
 from datasets import CaptionTokenizer
 from miscc.utils import CheckpointError, atomic_torch_save
 from model import ClipEncoder, EncoderLoadError, resolve_clip_name
@@ -94,10 +96,20 @@ def test_checkpoint_errors(encoder, tmp_path):
 def test_unknown_name_and_failed_download_explain_themselves(monkeypatch):
     with pytest.raises(EncoderLoadError, match="unknown CLIP model 'ViT-Q/99'"):
         resolve_clip_name("ViT-Q/99", "openai")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fetched, built = [], []
+
+    def offline(cfg):  # what open_clip's download raises without network (no real attempt,
+        fetched.append(cfg)  # which here would wait for connection time-outs)
+        raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin)")
+
+    monkeypatch.setattr(model, "download_pretrained", offline)
+    # the download fails before a minute of ViT-B/32 random init is spent
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: built.append(a))
     with pytest.raises(EncoderLoadError, match="pretrained='openai'") as err:
         ClipEncoder(resolve_clip_name("ViT-B/32", "openai"))
     msg = str(err.value)
+    assert built == [] and fetched[0]["hf_hub"] == "timm/vit_base_patch32_clip_224.openai/"
+    assert "FileNotFoundError: Failed to download" in msg
     assert "'ViT-B-32'" in msg and "pretrained='openai'" in msg
     assert "--set CLIP.PRETRAINED=" in msg and "vit_base_patch32_clip_224.openai" in msg
 
