@@ -308,19 +308,17 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_torchrun_sigterm_stops_both_ranks_at_one_step_and_resumes_exactly(
-        stage, data_dir, tiny_encoder_ckpt, tmp_path) -> None:
-    """SIGTERM to torchrun (which passes it to both workers) while training: both ranks stop
-    after the same step, rank 0 saves it, and the re-run ends with the weights of an
-    uninterrupted 2-process run."""
-    if stage == "stage1":
-        script, cfg = "pretrain_DAMSM.py", "cfg/DAMSM/shapes.yml"
-        sets = [*STAGE1_TINY, "TRAIN.BATCH_SIZE=2", f"DATA_DIR={data_dir}"]
-    else:
-        script, cfg = "main.py", "cfg/clip_shapes_DMGAN.yml"
-        sets = [*GAN_TINY, "TRAIN.BATCH_SIZE=2", f"DATA_DIR={data_dir}",
-                f"TRAIN.NET_E={tiny_encoder_ckpt}"]
+        data_dir, tiny_encoder_ckpt, tmp_path) -> None:
+    """SIGTERM to torchrun (which passes it to both workers) while stage 2 trains: both ranks
+    stop after the same step, rank 0 saves it, and the re-run ends with the weights of an
+    uninterrupted 2-process run. (The stop agreement is `EpochTrainer.checked`, which every
+    trainer shares; stage 1 and the VQGAN are signalled in one process above, and their
+    2-process runs are checked against one process in test_ddp_sync / test_vqgan. Three
+    torchrun launches cost ~40 s, so one trainer is run here.)"""
+    script, cfg = "main.py", "cfg/clip_shapes_DMGAN.yml"
+    sets = [*GAN_TINY, "TRAIN.BATCH_SIZE=2", f"DATA_DIR={data_dir}",
+            f"TRAIN.NET_E={tiny_encoder_ckpt}"]
     last = 36  # 24 images / 2 ranks / batch 2 = 6 steps an epoch, 6 epochs
     long = [*sets, "TRAIN.MAX_EPOCH=300", f"TRAIN.MAX_STEPS={last}"]
     cut = tmp_path / "cut"
