@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipgen.gpt import CondGPT, GPTArch, candidates, hashed_uniform, sample_tokens
+from clipgen.gpt import CondGPT, GPTArch, candidates, gumbel_draw, hashed_uniform, sample_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH = GPTArch(vocab=32, tokens=9, cond_dim=16, n_layer=2, n_embd=32, n_head=4)
@@ -73,10 +73,12 @@ def test_gumbel_draws_follow_the_softmax() -> None:
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     ids = torch.arange(20_000)
     values, codes = candidates(torch.log(probs).expand(len(ids), 4))
-    gumbel = -torch.log(-torch.log(hashed_uniform(3, ids, 0, codes)))
-    drawn = codes.gather(1, (values.double() + gumbel).argmax(1, keepdim=True))[:, 0]
+    drawn = gumbel_draw(values, codes, 3, ids, 0)
     freq = torch.bincount(drawn, minlength=4).double() / len(ids)
     se = (probs.double() * (1 - probs.double()) / len(ids)).sqrt()
     assert ((freq - probs.double()).abs() < 4 * se).all(), freq
+    # codes outside every row's nucleus change nothing: the same draws with 4 more codes at -inf
+    wider = torch.cat([values, torch.full((len(ids), 4), float("-inf"))], 1)
+    assert torch.equal(gumbel_draw(wider, torch.cat([codes, codes + 4], 1), 3, ids, 0), drawn)
     u = hashed_uniform(0, torch.arange(512), 4, torch.arange(512).expand(512, 512))
     assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.005
