@@ -37,7 +37,8 @@ def load_tokenizer(cfg, device: torch.device, path: str = "") -> tuple[VQModel, 
         raise ConfigError(f"the tokenizer {found} works on {vq.arch.resolution} px images but "
                           f"the config's largest TREE size is {size} px; set TREE.BASE_SIZE "
                           f"{vq.arch.resolution} with TREE.BRANCH_NUM 1")
-    return vq.eval().requires_grad_(False).to(device), found
+    fmt = torch.channels_last if cfg.TRAIN.CHANNELS_LAST else torch.contiguous_format
+    return vq.eval().requires_grad_(False).to(device, memory_format=fmt), found
 
 
 def gpt_arch(cfg, vq: VQModel, encoder: ClipEncoder) -> GPTArch:

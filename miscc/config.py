@@ -64,7 +64,7 @@ def default_config() -> EasyDict:
                 "STATE_MINUTES": 30.0,
                 "STOP_SIGNALS": "SIGTERM,SIGINT,SIGUSR1",
                 "AMP": True,  # autocast on CUDA (bf16 where supported)
-                "CHANNELS_LAST": True,  # CUDA only
+                "CHANNELS_LAST": True,  # CUDA (and the VQGAN tokenizer on CPU)
                 "PIN_MEMORY": True,
                 "PERSISTENT_WORKERS": True,
                 "USE_CACHE": True,  # read the prepare_data.py image cache when it exists
