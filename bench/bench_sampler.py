@@ -4,11 +4,11 @@ prefix for every token (what the reference sampler does), same model, same draws
     python bench/bench_sampler.py [--threads 2]
 
 Two settings, each at the batch it is sampled at: the shapes demo's grid (64 tokens, 256
-codes, GPT 4 x 128) at batch 192, what `make demo-clipgen` draws at once (32 captions x 6
+codes, GPT 4 x 128) at batch 256, what `make demo-clipgen` draws at once (32 captions x 8
 candidates); COCO's grid (256 tokens, 16384 codes) with a smaller model than the paper's
 (6 x 256) so that it runs on a CPU, at batch 32 (one caption's candidates: the reference demo
 draws 64). Prints seconds per batch, the ratio as `N.Nx`, and whether both drew identical
-tokens. About 5 minutes on 2 cores, nearly all of it the full recompute.
+tokens. About 4 minutes on 2 cores, nearly all of it the full recompute.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from clipgen.gpt import CondGPT, GPTArch, sample_tokens
 
 SETTINGS = {
-    "shapes (8x8 tokens, 256 codes, 4 x 128)": (GPTArch(256, 64, 64, 4, 128, 4), 192),
+    "shapes (8x8 tokens, 256 codes, 4 x 128)": (GPTArch(256, 64, 64, 4, 128, 4), 256),
     "COCO grid (16x16 tokens, 16384 codes, 6 x 256)": (GPTArch(16384, 256, 512, 6, 256, 8), 32),
 }
 
