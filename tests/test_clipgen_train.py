@@ -23,7 +23,7 @@ from PIL import Image
 from test_vqgan import vq_cfg
 
 from clipgen.gpt import CondGPT, GPTArch
-from clipgen.models import draw_images
+from clipgen.models import draw_images, load_tokenizer
 from clipgen.trainer import (
     CachedBatches,
     CLIPGenTrainer,
@@ -89,6 +89,26 @@ def tiny_models(vq_ckpt: Path, encoder_ckpt: Path) -> tuple[CondGPT, VQModel, Cl
     torch.manual_seed(1)
     gpt = CondGPT(GPTArch(vocab=16, tokens=16, cond_dim=64, n_layer=1, n_embd=16, n_head=2))
     return gpt, vq, encoder
+
+
+def test_tokenizer_layout_follows_channels_last_and_changes_no_result(
+        shapes_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path) -> None:
+    """TRAIN.CHANNELS_LAST puts the frozen tokenizer in channels-last on CPU too (it is faster
+    there); its tokens and decoded pixels match the contiguous tokenizer's."""
+    loaded = {}
+    for flag in (True, False):
+        cfg = gen_cfg(shapes_dir, tmp_path, vq_ckpt, tiny_encoder_ckpt,
+                      f"TRAIN.CHANNELS_LAST={flag}")
+        loaded[flag] = load_tokenizer(cfg, CPU)[0]
+    conv = loaded[True].decoder.conv_out.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert loaded[False].decoder.conv_out.weight.is_contiguous()
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        tokens = loaded[True].encode(images)
+        assert torch.equal(tokens, loaded[False].encode(images))
+        assert torch.allclose(loaded[True].decode_indices(tokens),
+                              loaded[False].decode_indices(tokens), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ the loss
