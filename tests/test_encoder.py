@@ -103,7 +103,7 @@ def test_unknown_name_and_failed_download_explain_themselves(monkeypatch):
         raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin)")
 
     monkeypatch.setattr(model, "download_pretrained", offline)
-    # the download fails before a minute of ViT-B/32 random init is spent
+    # the download fails before the model is built
     monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: built.append(a))
     with pytest.raises(EncoderLoadError, match="pretrained='openai'") as err:
         ClipEncoder(resolve_clip_name("ViT-B/32", "openai"))
