@@ -209,10 +209,6 @@ def gumbel_draw(values: torch.Tensor, codes: torch.Tensor, seed: int, ids: torch
     """One code per row [B] drawn from the softmax of `values` over `codes` [B, K] (as
     `candidates` gives them, best first): Gumbel-max with the hashed noise of (seed, ids[b],
     position, code), so the draw is the same whatever else is in the batch."""
-    # columns that are -inf in every row (beyond the widest nucleus) can never be drawn: no
-    # noise is hashed for them (with top-p and a trained model most of the codebook)
-    keep = int(torch.isfinite(values).sum(-1).max())
-    values, codes = values[:, :keep], codes[:, :keep]
     gumbel = -torch.log(-torch.log(hashed_uniform(seed, ids, position, codes)))
     pick = (values.double() + gumbel).argmax(-1, keepdim=True)
     return codes.gather(1, pick)[:, 0]
