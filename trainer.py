@@ -34,6 +34,7 @@ from miscc.training import (
     damsm_class_ids,
     fused_options,
     load_resume_state,
+    memory_format,
     resolve_checkpoint,
     seeded_train_loader,
     unwrap,
@@ -68,7 +69,7 @@ class GANTrainer(EpochTrainer):
     def __init__(self, cfg, device: torch.device, rank: int = 0, world: int = 1,
                  fresh: bool = False, progress: bool = True) -> None:
         super().__init__(cfg, device, rank, world, fresh, progress)
-        self.channels_last = bool(cfg.TRAIN.CHANNELS_LAST) and self.cuda
+        self.memory_format = memory_format(bool(cfg.TRAIN.CHANNELS_LAST) and self.cuda)
 
         self.encoder = load_frozen_encoder(cfg, device)
         tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
@@ -85,7 +86,7 @@ class GANTrainer(EpochTrainer):
         init_gan_weights(netG)
         netDs = build_discriminators(self.arch) if cfg.TRAIN.B_NET_D else nn.ModuleList()
         init_gan_weights(netDs)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        fmt = self.memory_format
         netG, netDs = netG.to(device, memory_format=fmt), netDs.to(device, memory_format=fmt)
         self.ema = copy.deepcopy(netG).eval().requires_grad_(False)
         betas = (0.5, 0.999)
@@ -195,8 +196,8 @@ class GANTrainer(EpochTrainer):
         DAMSM and KL losses plus CONTRASTIVE_WEIGHT · NT-Xent between the two fake batches'
         CLIP codes. Returns the loss values (averaged over processes), read once per step."""
         cfg, dev = self.cfg, self.device
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        reals = [x[:, 0].to(dev, non_blocking=True, memory_format=fmt) for x in batch["imgs"]]
+        reals = [x[:, 0].to(dev, non_blocking=True, memory_format=self.memory_format)
+                 for x in batch["imgs"]]
         b = reals[0].shape[0]
         halves = (slice(0, b), slice(b, 2 * b))  # caption 1 of every image, then caption 2
         words, sent, mask = self._text(batch)

@@ -17,7 +17,7 @@ from clipgen.vq_trainer import CHECKPOINT_PATTERN as VQGAN_PATTERN
 from clipgen.vqgan import VQModel
 from datasets import image_sizes
 from miscc.config import ConfigError
-from miscc.training import resolve_checkpoint
+from miscc.training import memory_format, resolve_checkpoint
 from miscc.utils import CheckpointError, load_checkpoint, load_state_strict
 from model import ClipEncoder
 from text_features import encoder_digest
@@ -37,8 +37,8 @@ def load_tokenizer(cfg, device: torch.device, path: str = "") -> tuple[VQModel, 
         raise ConfigError(f"the tokenizer {found} works on {vq.arch.resolution} px images but "
                           f"the config's largest TREE size is {size} px; set TREE.BASE_SIZE "
                           f"{vq.arch.resolution} with TREE.BRANCH_NUM 1")
-    fmt = torch.channels_last if cfg.TRAIN.CHANNELS_LAST else torch.contiguous_format
-    return vq.eval().requires_grad_(False).to(device, memory_format=fmt), found
+    return vq.eval().requires_grad_(False).to(
+        device, memory_format=memory_format(bool(cfg.TRAIN.CHANNELS_LAST))), found
 
 
 def gpt_arch(cfg, vq: VQModel, encoder: ClipEncoder) -> GPTArch:

@@ -37,6 +37,7 @@ from miscc.training import (
     fused_options,
     load_resume_state,
     loader_options,
+    memory_format,
     resolve_checkpoint,
     seeded_train_loader,
 )
@@ -175,7 +176,7 @@ class VQGANTrainer(EpochTrainer):
         v = cfg.VQGAN
         # on CPU too, unlike stage 2: the tokenizer's small convolutions ran 1.2x faster per
         # step in channels-last on 2 cores (README, TRAIN.CHANNELS_LAST)
-        self.channels_last = bool(cfg.TRAIN.CHANNELS_LAST)
+        self.memory_format = memory_format(bool(cfg.TRAIN.CHANNELS_LAST))
         # missing VGG weights end the run before anything else is built
         self.lpips = (load_lpips(str(v.VGG_WEIGHTS)).to(device)
                       if float(v.PERCEPTUAL_WEIGHT) > 0 else None)
@@ -186,7 +187,7 @@ class VQGANTrainer(EpochTrainer):
         self.test = TokenizerImages(cfg, "test", train=False, use_cache=cache)
 
         torch.manual_seed(int(cfg.SEED))
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        fmt = self.memory_format
         self.vq = VQModel.from_config(cfg).to(device, memory_format=fmt)
         self.disc = (PatchDiscriminator(int(v.DISC_LAYERS), int(v.DISC_CH)).to(
             device, memory_format=fmt) if float(v.DISC_WEIGHT) > 0 else None)
@@ -254,8 +255,8 @@ class VQGANTrainer(EpochTrainer):
         """Autoencoder losses (+ the discriminator's from DISC_START), one finite check for all
         of them, then the two optimizer steps and, when due, the dead-code restart."""
         v, dev = self.cfg.VQGAN, self.device
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
+        x = batch["image"].to(dev, non_blocking=True).contiguous(
+            memory_format=self.memory_format)
         adversarial = self.disc is not None and self.step >= int(v.DISC_START)
         zero = torch.zeros((), device=dev)
         with self._autocast():

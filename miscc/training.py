@@ -164,6 +164,11 @@ def mixed_precision(cfg, device: torch.device) -> tuple[bool, torch.dtype, torch
     return amp, dtype, scaler
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of convolution weights and image batches (TRAIN.CHANNELS_LAST)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def fused_options(device: torch.device) -> dict[str, bool]:
     """Keyword arguments for torch's Adam/AdamW: the fused kernel on CPU and CUDA (one pass
     over all tensors per step instead of a chain of per-tensor ops; stage 1 updates CLIP's
