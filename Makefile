@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # spin-waiting a 2-thread run on a machine whose other core is busy ran ~4x slower (README)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: test lint bench demo demo-clipgen
+.PHONY: test lint bench demo demo-clipgen gpu-check
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	for f in bench/bench_*.py; do case $$f in *bench_gpu.py|*bench_attention.py|*bench_scale.py) continue;; esac; \
 		echo "== $$f"; $(PY) $$f || exit 1; done
+
+# Every trainer, evaluation and sampling on one CUDA GPU in a few minutes (exit 2 without one)
+GPU ?= 0
+GPU_LOG ?= gpu_check.log
+gpu-check: $(STAMP)
+	$(PY) gpu_check.py --gpu $(GPU) --log $(GPU_LOG)
 
 # The whole pipeline on the synthetic shapes set, on CPU, in minutes. Each line is the command a
 # user would type; re-running resumes unfinished stages and skips finished ones.

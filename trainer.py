@@ -42,6 +42,7 @@ from miscc.training import (
 from miscc.utils import (
     CheckpointError,
     atomic_torch_save,
+    in_process_group,
     load_state_strict,
     rng_state,
 )
@@ -95,7 +96,7 @@ class GANTrainer(EpochTrainer):
                                      **fused)
         self.optDs = [torch.optim.Adam(d.parameters(), lr=cfg.TRAIN.DISCRIMINATOR_LR,
                                        betas=betas, **fused) for d in netDs]
-        if world > 1:
+        if in_process_group():
             ids = [device.index] if self.cuda else None
             # without discriminators only the largest image head is trained
             netG = DistributedDataParallel(netG, device_ids=ids,

@@ -1,18 +1,22 @@
-"""GPU throughput of the birds configuration: stage-2 training steps of the 3-branch 256 px
-DM-GAN (cfg/clip_bird_DMGAN.yml) with a CLIP ViT-B/32-sized encoder (random weights, so no
-download), with and without TRAIN.AMP / TRAIN.CHANNELS_LAST.
+"""GPU throughput: stage-2 training steps of the birds configuration (the 3-branch 256 px
+DM-GAN of cfg/clip_bird_DMGAN.yml with a CLIP ViT-B/32-sized encoder, random weights, so no
+download) with and without TRAIN.AMP / TRAIN.CHANNELS_LAST; and CLIP-GEN sampling at the COCO
+grid (GPT-2 medium, 24 x 1024, 16x16 tokens of 16384 codes) in fp32 and bf16.
 
-    python bench/bench_gpu.py [--gpu 0] [--steps 200] [--batch 10]
+    python bench/bench_gpu.py [--gpu 0] [--steps 200] [--batch 10] [--sampler-batch 32]
 
 Prints images/s (real images per second, each with two captions) and peak GPU memory per
-setting, relative to the fp32 contiguous baseline measured in the same run. The data are a
-small synthetic shapes set in the CUB layout at 304 px; steps run on prefetched batches.
-On a machine without CUDA, `--gpu -1 --steps 2 --batch 2` checks that the script runs.
+setting, relative to the fp32 contiguous baseline measured in the same run, then the
+sampler's tokens/s against fp32. The data are a small synthetic shapes set in the CUB layout
+at 304 px; steps run on prefetched batches. On a machine without CUDA,
+`--gpu -1 --steps 2 --batch 2 --sampler-batch 0` checks that the script runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import sys
 import tempfile
 import time
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from clipgen.gpt import CondGPT, GPTArch, sample_tokens
 from datasets import make_shapes_dataset
 from miscc.config import load_config
 from miscc.utils import atomic_torch_save
@@ -31,10 +36,21 @@ from trainer import GANTrainer
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = (("fp32, contiguous", False, False), ("AMP", True, False),
             ("channels_last", False, True), ("AMP + channels_last", True, True))
+COCO_GRID = GPTArch(vocab=16384, tokens=256, cond_dim=512, n_layer=24, n_embd=1024, n_head=16)
+
+
+def fresh_peak(device: torch.device) -> None:
+    """Free what an earlier setting left and restart the peak-memory counter."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def run(cfg, device: torch.device, steps: int) -> tuple[float, float]:
     """(images/s, peak memory GiB) over `steps` training steps after two warm-up steps."""
+    fresh_peak(device)
     trainer = GANTrainer(cfg, device, fresh=True, progress=False)
     trainer.sampler.set_epoch(0)
     batches = [b for _, b in zip(range(4), trainer.loader, strict=False)]
@@ -43,7 +59,6 @@ def run(cfg, device: torch.device, steps: int) -> tuple[float, float]:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for i in range(steps):
         trainer.train_step(batches[i % len(batches)])
@@ -54,13 +69,46 @@ def run(cfg, device: torch.device, steps: int) -> tuple[float, float]:
     return steps * trainer.batch / seconds, peak
 
 
+def sampler_speed(device: torch.device, batch: int) -> list[tuple[str, float, float]]:
+    """(setting, tokens/s, peak GiB) of `sample_tokens` at the COCO grid: fp32 weights and
+    KV cache; bf16 autocast (fp32 weights and cache); the model (so its KV cache) in bf16."""
+    rows = []
+    for name, dtype, amp in (("fp32", torch.float32, False), ("bf16 autocast", torch.float32, True),
+                             ("bf16 weights + KV cache", torch.bfloat16, False)):
+        fresh_peak(device)
+        torch.manual_seed(0)
+        model = CondGPT(COCO_GRID).eval().to(device=device, dtype=dtype)
+        cond = torch.randn(batch, COCO_GRID.cond_dim, device=device, dtype=dtype)
+        ids = torch.arange(batch, device=device)
+        ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if amp
+               else contextlib.nullcontext())
+        with torch.no_grad(), ctx:
+            sample_tokens(model, cond[:2], ids[:2], seed=0, top_k=500, top_p=0.95)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            sample_tokens(model, cond, ids, seed=0, top_k=500, top_p=0.95)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                else float("nan"))
+        rows.append((name, batch * COCO_GRID.tokens / seconds, peak))
+        del model
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", type=int, default=0, help="-1: CPU (a smoke run)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=10, help="per process (birds: 10)")
+    parser.add_argument("--sampler-batch", type=int, default=32,
+                        help="CLIP-GEN images sampled at once (0: skip the sampler)")
     args = parser.parse_args()
     device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         data, enc = Path(tmp) / "data", Path(tmp) / "clip.pth"
         make_shapes_dataset(data, n_train=max(4 * args.batch, 8), n_test=4, size=304)
@@ -84,6 +132,14 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for name, speed, peak in rows:
         print(f"| {name} | {speed:.1f} | {speed / base:.2f}x | {peak:.2f} |")
+    if args.sampler_batch > 0:
+        rows = sampler_speed(device, args.sampler_batch)
+        print(f"\nCLIP-GEN sampler, COCO grid (GPT-2 medium, 256 tokens, 16384 codes, top-k 500, "
+              f"top-p 0.95), batch {args.sampler_batch} on {where}")
+        print("| setting | tokens/s | vs fp32 | peak memory GiB |")
+        print("| --- | --- | --- | --- |")
+        for name, speed, peak in rows:
+            print(f"| {name} | {speed:.0f} | {speed / rows[0][1]:.2f}x | {peak:.2f} |")
 
 
 if __name__ == "__main__":

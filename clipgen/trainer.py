@@ -45,6 +45,7 @@ from miscc.training import (
 from miscc.utils import (
     CheckpointError,
     atomic_torch_save,
+    in_process_group,
     load_state_strict,
     rng_state,
 )
@@ -153,7 +154,7 @@ class CLIPGenTrainer(EpochTrainer):
         self.opt = torch.optim.AdamW(decay_groups(self.gpt, float(c.WEIGHT_DECAY)),
                                      lr=float(c.LR), betas=(0.9, 0.95), **fused_options(device))
         self.model: nn.Module = self.gpt
-        if world > 1:
+        if in_process_group():
             self.model = DistributedDataParallel(self.gpt, device_ids=[device.index]
                                                  if self.cuda else None)
         self._resume()

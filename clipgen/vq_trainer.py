@@ -45,6 +45,7 @@ from miscc.utils import (
     atomic_torch_save,
     atomic_write_bytes,
     barrier,
+    in_process_group,
     is_main_process,
     load_state_strict,
     rng_state,
@@ -199,7 +200,7 @@ class VQGANTrainer(EpochTrainer):
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=self.scaler.is_enabled())
         self.model: torch.nn.Module = self.vq
         self.d_step = RealFake(self.disc) if self.disc else None
-        if world > 1:
+        if in_process_group():
             ids = [device.index] if self.cuda else None
             # the quantizer's usage counts are per process (summed at each restart)
             self.model = DistributedDataParallel(self.vq, device_ids=ids, broadcast_buffers=False)

@@ -64,6 +64,9 @@ def default_config() -> EasyDict:
                 "STATE_MINUTES": 30.0,
                 "STOP_SIGNALS": "SIGTERM,SIGINT,SIGUSR1",
                 "AMP": True,  # autocast on CUDA (bf16 where supported)
+                # auto: bf16 where the GPU computes it natively, else fp16 + GradScaler;
+                # float16 forces the fp16 path (gpu_check.py runs it on bf16 GPUs too)
+                "AMP_DTYPE": "auto",
                 "CHANNELS_LAST": True,  # CUDA (and the VQGAN tokenizer on CPU)
                 "PIN_MEMORY": True,
                 "PERSISTENT_WORKERS": True,
@@ -202,6 +205,7 @@ LEGACY_KEYS: dict[str, str | None] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.SMOOTH.SIMILARITY": ("dot", "cosine"),
     "CLIPGEN.CONDITION": ("text", "image"),
+    "TRAIN.AMP_DTYPE": ("auto", "bfloat16", "float16"),
 }
 
 LEGACY_REASONS = {

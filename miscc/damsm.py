@@ -33,7 +33,7 @@ from miscc.training import (
     resolve_checkpoint,
     seeded_train_loader,
 )
-from miscc.utils import atomic_torch_save, load_state_strict, rng_state
+from miscc.utils import atomic_torch_save, in_process_group, load_state_strict, rng_state
 from model import ClipEncoder
 
 STATE_FORMAT = "damsm-train-state/1"
@@ -112,7 +112,7 @@ class DAMSMTrainer(EpochTrainer):
                                            **fused_options(device))
         self.scheduler = self._one_cycle()
         self.model = self.encoder
-        if world > 1:
+        if in_process_group():
             self.model = DistributedDataParallel(
                 self.encoder, device_ids=[device.index] if self.cuda else None)
         self.val: dict[str, float] = {}  # the latest validation results

@@ -155,11 +155,16 @@ def seeded_train_loader(dataset: Dataset, batch: int, cfg, device: torch.device,
 
 # ---------------------------------------------------------------------- precision, losses
 def mixed_precision(cfg, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
-    """(autocast on?, its dtype, grad scaler): TRAIN.AMP on CUDA only, bf16 where the GPU
-    supports it (no loss scaling needed), else fp16 with an enabled GradScaler."""
+    """(autocast on?, its dtype, grad scaler): TRAIN.AMP on CUDA only; TRAIN.AMP_DTYPE auto is
+    bf16 where the GPU supports it (no loss scaling needed), else fp16 with an enabled
+    GradScaler; bfloat16 / float16 force one."""
     cuda = device.type == "cuda"
     amp = bool(cfg.TRAIN.AMP) and cuda
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    choice = str(cfg.TRAIN.AMP_DTYPE)
+    if choice == "auto":
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = getattr(torch, choice)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
     return amp, dtype, scaler
 

@@ -304,12 +304,13 @@ def _tuplify(obj: Any) -> Any:
 
 # ---------------------------------------------------------------------------- distributed
 def init_distributed(gpu: int) -> tuple[int, int, torch.device]:
-    """Start torch.distributed when launched by torchrun; return (rank, world size, device).
+    """Start torch.distributed when launched by torchrun (one process too); return (rank,
+    world size, device).
 
     nccl with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU (`gpu` -1).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's own variable
         return 0, 1, select_device(gpu)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if gpu >= 0:
@@ -320,7 +321,15 @@ def init_distributed(gpu: int) -> tuple[int, int, torch.device]:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    if dist.get_rank() == 0:
+        print(f"torch.distributed: {backend}, {dist.get_world_size()} process(es)")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def in_process_group() -> bool:
+    """True under torchrun (even with one process): the trainers then wrap their networks in
+    DistributedDataParallel, so `torchrun --nproc_per_node 1` runs the real DDP path."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_main_process() -> bool:
