@@ -1,7 +1,9 @@
 """GPU throughput: stage-2 training steps of the birds configuration (the 3-branch 256 px
 DM-GAN of cfg/clip_bird_DMGAN.yml with a CLIP ViT-B/32-sized encoder, random weights, so no
 download) with and without TRAIN.AMP / TRAIN.CHANNELS_LAST; and CLIP-GEN sampling at the COCO
-grid (GPT-2 medium, 24 x 1024, 16x16 tokens of 16384 codes) in fp32 and bf16.
+grid (GPT-2 medium, 24 x 1024, 16x16 tokens of 16384 codes) in fp32 and bf16; and the COCO
+VQGAN tokenizer's training step (256 px, ch 128, 16384 codes, PatchGAN on; LPIPS off, its VGG
+weights are a download) under AMP, contiguous vs channels-last.
 
     python bench/bench_gpu.py [--gpu 0] [--steps 200] [--batch 10] [--sampler-batch 32]
 
@@ -9,7 +11,7 @@ Prints images/s (real images per second, each with two captions) and peak GPU me
 setting, relative to the fp32 contiguous baseline measured in the same run, then the
 sampler's tokens/s against fp32. The data are a small synthetic shapes set in the CUB layout
 at 304 px; steps run on prefetched batches. On a machine without CUDA,
-`--gpu -1 --steps 2 --batch 2 --sampler-batch 0` checks that the script runs.
+`--gpu -1 --steps 1 --batch 2 --sampler-batch 0 --vq-batch 1` checks that the script runs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from clipgen.gpt import CondGPT, GPTArch, sample_tokens
+from clipgen.vq_trainer import VQGANTrainer
 from datasets import make_shapes_dataset
 from miscc.config import load_config
 from miscc.utils import atomic_torch_save
@@ -48,10 +51,10 @@ def fresh_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run(cfg, device: torch.device, steps: int) -> tuple[float, float]:
+def run(cfg, device: torch.device, steps: int, kind=GANTrainer) -> tuple[float, float]:
     """(images/s, peak memory GiB) over `steps` training steps after two warm-up steps."""
     fresh_peak(device)
-    trainer = GANTrainer(cfg, device, fresh=True, progress=False)
+    trainer = kind(cfg, device, fresh=True, progress=False)
     trainer.sampler.set_epoch(0)
     batches = [b for _, b in zip(range(4), trainer.loader, strict=False)]
     for b in batches[:2]:
@@ -71,10 +74,11 @@ def run(cfg, device: torch.device, steps: int) -> tuple[float, float]:
 
 def sampler_speed(device: torch.device, batch: int) -> list[tuple[str, float, float]]:
     """(setting, tokens/s, peak GiB) of `sample_tokens` at the COCO grid: fp32 weights and
-    KV cache; bf16 autocast (fp32 weights and cache); the model (so its KV cache) in bf16."""
+    KV cache; bf16 autocast (fp32 weights and cache); the model (so its KV cache) in bf16,
+    under autocast (the conditioning input is normalised in fp32)."""
     rows = []
     for name, dtype, amp in (("fp32", torch.float32, False), ("bf16 autocast", torch.float32, True),
-                             ("bf16 weights + KV cache", torch.bfloat16, False)):
+                             ("bf16 weights + KV cache", torch.bfloat16, True)):
         fresh_peak(device)
         torch.manual_seed(0)
         model = CondGPT(COCO_GRID).eval().to(device=device, dtype=dtype)
@@ -105,6 +109,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10, help="per process (birds: 10)")
     parser.add_argument("--sampler-batch", type=int, default=32,
                         help="CLIP-GEN images sampled at once (0: skip the sampler)")
+    parser.add_argument("--vq-batch", type=int, default=12,
+                        help="VQGAN tokenizer batch (COCO: 12; 0: skip the tokenizer)")
     args = parser.parse_args()
     device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
     if device.type == "cuda":
@@ -132,6 +138,25 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for name, speed, peak in rows:
         print(f"| {name} | {speed:.1f} | {speed / base:.2f}x | {peak:.2f} |")
+    if args.vq_batch > 0:
+        vq_rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "data"
+            make_shapes_dataset(data, n_train=max(4 * args.vq_batch, 8), n_test=4, size=256)
+            for name, channels_last in (("AMP, contiguous", False), ("AMP + channels_last", True)):
+                cfg = load_config(ROOT / "cfg" / "VQGAN" / "coco.yml", [
+                    f"DATA_DIR={data}", f"OUTPUT_DIR={Path(tmp) / 'run'}", "DATASET_NAME=shapes",
+                    f"GPU_ID={args.gpu}", "WORKERS=0", f"TRAIN.BATCH_SIZE={args.vq_batch}",
+                    "TRAIN.AMP=True", f"TRAIN.CHANNELS_LAST={channels_last}",
+                    "VQGAN.PERCEPTUAL_WEIGHT=0.0", "VQGAN.DISC_START=0", "VQGAN.VAL_IMAGES=4"],
+                    quiet=True)
+                vq_rows.append((name, *run(cfg, device, args.steps, VQGANTrainer)))
+        print(f"\nVQGAN tokenizer, COCO config (256 px, ch 128, 16384 codes, PatchGAN on), "
+              f"batch {args.vq_batch}, {args.steps} steps on {where}")
+        print("| setting | images/s | vs contiguous | peak memory GiB |")
+        print("| --- | --- | --- | --- |")
+        for name, speed, peak in vq_rows:
+            print(f"| {name} | {speed:.1f} | {speed / vq_rows[0][1]:.2f}x | {peak:.2f} |")
     if args.sampler_batch > 0:
         rows = sampler_speed(device, args.sampler_batch)
         print(f"\nCLIP-GEN sampler, COCO grid (GPT-2 medium, 256 tokens, 16384 codes, top-k 500, "
