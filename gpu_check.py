@@ -22,8 +22,10 @@ fails, 2 without a CUDA GPU. Every command's full output goes to the log (--log)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,19 +153,47 @@ def command(check: Check) -> list[str]:
     return [sys.executable, *check.argv]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), deepest first; [] where /proc is missing."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+
+    def below(p: int) -> list[int]:
+        return [q for child in parents.get(p, []) for q in (*below(child), child)]
+
+    return below(pid)
+
+
 def run_check(check: Check, work: Path, env: dict[str, str], log: Callable[[str], None],
               timeout: float) -> tuple[bool, float, str]:
     """(passed, seconds, why not) for one check; its whole output goes to the log."""
     cmd = command(check)
     log(f"\n===== {check.name}\n$ {' '.join(cmd)}\n")
     start = time.perf_counter()
+    # its own process group, so that a hang is stopped with every process it started; SIGABRT
+    # first makes Python's faulthandler write each hung process's stacks into the log
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        for pid in [*_descendants(proc.pid), proc.pid]:  # torchrun's workers first
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            stdout, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        log(f"{stdout}\n--- stderr (stacks at the time-out) ---\n{stderr}")
         return False, time.perf_counter() - start, f"timed out after {timeout:.0f} s"
     seconds = time.perf_counter() - start
-    log(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    log(stdout + "\n--- stderr ---\n" + stderr)
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if proc.returncode != 0:
         last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["?"]
         return False, seconds, f"exit {proc.returncode}: {last[0][:200]}"

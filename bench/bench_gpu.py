@@ -51,8 +51,33 @@ def fresh_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run(cfg, device: torch.device, steps: int, kind=GANTrainer) -> tuple[float, float]:
-    """(images/s, peak memory GiB) over `steps` training steps after two warm-up steps."""
+def profile_steps(trainer, batches: list, steps: int, device: torch.device) -> None:
+    """torch.profiler over `steps` training steps: the busiest operators by GPU and by CPU
+    time, and how much of the wall time the GPU spent in kernels (low: launch-bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            trainer.train_step(batches[i % len(batches)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    table = prof.key_averages()
+    kernels = sum(e.self_device_time_total for e in table) / 1e6
+    launches = sum(e.count for e in table if e.key == "cudaLaunchKernel")
+    print(f"\nprofile of {steps} steps: {wall:.2f} s wall, GPU kernels {kernels:.2f} s "
+          f"({kernels / wall:.0%} busy), {launches} kernel launches")
+    for key in ("self_device_time_total", "self_cpu_time_total"):
+        print(table.table(sort_by=key, row_limit=12, max_name_column_width=48))
+
+
+def run(cfg, device: torch.device, steps: int, kind=GANTrainer,
+        profile: int = 0) -> tuple[float, float]:
+    """(images/s, peak memory GiB) over `steps` training steps after two warm-up steps; then
+    `profile` steps under torch.profiler when asked."""
     fresh_peak(device)
     trainer = kind(cfg, device, fresh=True, progress=False)
     trainer.sampler.set_epoch(0)
@@ -69,6 +94,8 @@ def run(cfg, device: torch.device, steps: int, kind=GANTrainer) -> tuple[float, 
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    if profile:
+        profile_steps(trainer, batches, profile, device)
     return steps * trainer.batch / seconds, peak
 
 
@@ -109,6 +136,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10, help="per process (birds: 10)")
     parser.add_argument("--sampler-batch", type=int, default=32,
                         help="CLIP-GEN images sampled at once (0: skip the sampler)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many DM-GAN steps of the last setting")
     parser.add_argument("--vq-batch", type=int, default=12,
                         help="VQGAN tokenizer batch (COCO: 12; 0: skip the tokenizer)")
     args = parser.parse_args()
@@ -129,7 +158,8 @@ def main() -> None:
                 f"DATA_DIR={data}", f"OUTPUT_DIR={Path(tmp) / 'run'}", f"TRAIN.NET_E={enc}",
                 f"GPU_ID={args.gpu}", "WORKERS=0", f"TRAIN.BATCH_SIZE={args.batch}",
                 f"TRAIN.AMP={amp}", f"TRAIN.CHANNELS_LAST={channels_last}"], quiet=True)
-            rows.append((name, *run(cfg, device, args.steps)))
+            last = name == SETTINGS[-1][0] or device.type == "cpu"
+            rows.append((name, *run(cfg, device, args.steps, profile=args.profile * last)))
     base = rows[0][1]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"stage 2, birds config (3 branches to 256 px, GF 64, DF 32), ViT-B/32-sized "
