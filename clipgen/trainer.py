@@ -41,6 +41,7 @@ from miscc.training import (
     check_replicas,
     fused_options,
     load_resume_state,
+    load_scaler_state,
 )
 from miscc.utils import (
     CheckpointError,
@@ -254,7 +255,7 @@ class CLIPGenTrainer(EpochTrainer):
                                   f"{asdict(self.gpt.arch)}); use its config or --fresh")
         load_state_strict(self.gpt, state["gpt"]["state_dict"], f"transformer in {path}")
         self.opt.load_state_dict(state["opt"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         self._restore_progress(path, state)
 
     # ----------------------------------------------------------------------- one step

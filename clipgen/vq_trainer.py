@@ -36,6 +36,7 @@ from miscc.training import (
     check_replicas,
     fused_options,
     load_resume_state,
+    load_scaler_state,
     loader_options,
     memory_format,
     resolve_checkpoint,
@@ -239,7 +240,7 @@ class VQGANTrainer(EpochTrainer):
         check_same_arch(read_arch(state["vqgan"], path), self.vq.arch, str(path))
         load_state_strict(self.vq, state["vqgan"]["state_dict"], f"VQGAN in {path}")
         self.opt_ae.load_state_dict(state["opt_ae"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         if self.disc is not None:
             if state.get("disc") is None:
                 warnings.warn(f"{path} has no discriminator (VQGAN.DISC_WEIGHT was 0): a new "
@@ -247,7 +248,7 @@ class VQGANTrainer(EpochTrainer):
             else:
                 load_state_strict(self.disc, state["disc"], f"discriminator in {path}")
                 self.opt_d.load_state_dict(state["opt_d"])
-                self.scaler_d.load_state_dict(state["scaler_d"])
+                load_scaler_state(self.scaler_d, state["scaler_d"])
         self._restore_progress(path, state)
 
     # --------------------------------------------------------------------------- one step

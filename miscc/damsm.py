@@ -29,6 +29,7 @@ from miscc.training import (
     damsm_class_ids,
     fused_options,
     load_resume_state,
+    load_scaler_state,
     loader_options,
     resolve_checkpoint,
     seeded_train_loader,
@@ -174,7 +175,7 @@ class DAMSMTrainer(EpochTrainer):
             sched.update(total_steps=fresh["total_steps"],
                          _schedule_phases=fresh["_schedule_phases"])
         self.scheduler.load_state_dict(sched)
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         self._restore_progress(path, state)
 
     # --------------------------------------------------------------------------- one step

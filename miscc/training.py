@@ -50,7 +50,7 @@ KEEP_STATES = 2  # resume states kept on disk (the weights-only checkpoints are 
 def start_process(cfg) -> tuple[int, int, torch.device]:
     """A training command's start: torch.distributed under torchrun, the device (GPU_ID),
     CPU_THREADS on the CPU, every RNG seeded from SEED; returns (rank, world size, device)."""
-    rank, world, device = init_distributed(int(cfg.GPU_ID))
+    rank, world, device = init_distributed(int(cfg.GPU_ID), float(cfg.DIST_TIMEOUT_MINUTES))
     if device.type == "cpu" and int(cfg.CPU_THREADS) > 0:
         torch.set_num_threads(int(cfg.CPU_THREADS))
     seed_everything(int(cfg.SEED))
@@ -154,14 +154,30 @@ def seeded_train_loader(dataset: Dataset, batch: int, cfg, device: torch.device,
 
 
 # ---------------------------------------------------------------------- precision, losses
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU with native bf16 (Ampere on), else fp16. Emulated bf16 (V100, T4) does
+    not count: it is slow, and fp16 with a GradScaler is what those GPUs run fast."""
+    native = (device.type == "cuda"
+              and torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.bfloat16 if native else torch.float16
+
+
 def mixed_precision(cfg, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
     """(autocast on?, its dtype, grad scaler): TRAIN.AMP on CUDA only, bf16 where the GPU
-    supports it (no loss scaling needed), else fp16 with an enabled GradScaler."""
-    cuda = device.type == "cuda"
-    amp = bool(cfg.TRAIN.AMP) and cuda
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    supports it natively (no loss scaling needed), else fp16 with an enabled GradScaler."""
+    amp = bool(cfg.TRAIN.AMP) and device.type == "cuda"
+    dtype = amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
     return amp, dtype, scaler
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: Mapping[str, Any]) -> None:
+    """Resume a GradScaler. A state saved by a disabled scaler (bf16, CPU or TRAIN.AMP off) is
+    empty: an enabled one (fp16, e.g. on another GPU type) then starts from its initial
+    scale instead of failing; a disabled one ignores whatever it is given."""
+    if scaler.is_enabled() and not state:
+        return
+    scaler.load_state_dict(dict(state))
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -1,0 +1,151 @@
+"""What the CUDA paths do, checked on CPU (docs/DESIGN.md §10-12): the mixed-precision dtype on
+GPUs with emulated bf16, resuming a GradScaler across AMP modes, CUDA RNG states of this
+process's device only, the process group's timeout and device, a quantizer forward without
+host reads, per-rank dropout streams, the adaptive weight under loss scaling, spectral norm
+in fp32 under autocast, checked() after the step, inference precision and bench_gpu.py."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GAN_TINY, ROOT
+
+import miscc.training as training
+import miscc.utils as utils
+from miscc.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+def gan_cfg(data_dir: Path, encoder: Path, out: Path, *overrides: str):
+    return load_config(ROOT / "cfg" / "clip_shapes_DMGAN.yml",
+                       [f"DATA_DIR={data_dir}", f"OUTPUT_DIR={out}", f"TRAIN.NET_E={encoder}",
+                        *GAN_TINY, *overrides], quiet=True)
+
+
+# --------------------------------------------------------------------- precision, scaler
+def test_emulated_bf16_gets_fp16_with_loss_scaling(monkeypatch) -> None:
+    """A GPU whose bf16 is only emulated (V100, T4) trains in fp16 (the GradScaler's dtype);
+    one with native bf16 in bf16."""
+    native = {"value": False}
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return True if including_emulation else native["value"]
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cfg = load_config(None, ["TRAIN.AMP=True"], quiet=True)
+    with pytest.warns(UserWarning):  # no CUDA here: the GradScaler disables itself
+        amp, dtype, _ = training.mixed_precision(cfg, torch.device("cuda", 0))
+    assert amp and dtype == torch.float16
+    native["value"] = True
+    assert training.amp_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert training.amp_dtype(CPU) == torch.float16  # never autocast on CPU anyway
+
+
+def test_empty_scaler_state_resumes_into_an_enabled_scaler() -> None:
+    """A state saved by a disabled GradScaler (bf16, CPU, AMP off) is empty; an enabled one
+    (fp16 on another GPU type) starts from its initial scale instead of failing."""
+    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved == {}
+    enabled = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)
+    training.load_scaler_state(enabled, saved)
+    assert enabled.get_scale() == 2.0**10
+    # an enabled scaler's state still loads, and a disabled one ignores it
+    other = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0)
+    other.scale(torch.ones(()))  # the scale tensor exists once something was scaled
+    training.load_scaler_state(enabled, other.state_dict())
+    assert enabled.get_scale() == 8.0
+    training.load_scaler_state(torch.amp.GradScaler("cpu", enabled=False), other.state_dict())
+
+
+def test_trainer_resumes_a_cpu_state_with_fp16_loss_scaling(data_dir, tiny_encoder_ckpt,
+                                                            tmp_path, monkeypatch) -> None:
+    """Stage 2 written with a disabled scaler, resumed by a trainer whose scaler is enabled."""
+    from trainer import GANTrainer
+
+    out = tmp_path / "run"
+    GANTrainer(gan_cfg(data_dir, tiny_encoder_ckpt, out, "TRAIN.MAX_STEPS=1"), CPU,
+               progress=False).train()
+    monkeypatch.setattr(training, "mixed_precision", lambda cfg, device: (
+        False, torch.float16, torch.amp.GradScaler("cpu", enabled=True)))
+    resumed = GANTrainer(gan_cfg(data_dir, tiny_encoder_ckpt, out, "TRAIN.MAX_STEPS=2"), CPU,
+                         progress=False)
+    assert resumed.step == 1 and resumed.scaler.is_enabled()
+    assert resumed.scaler.get_scale() == 2.0**16
+
+
+# --------------------------------------------------------------------------- CUDA RNG
+class FakeCuda:
+    """torch.cuda's RNG functions for `visible` devices, this process on `current`."""
+
+    def __init__(self, monkeypatch, visible: int, current: int) -> None:
+        self.visible, self.current, self.set_calls = visible, current, []
+        for module in (torch.cuda, torch.cuda.random):
+            monkeypatch.setattr(module, "set_rng_state", self.set_rng_state)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state",
+                            lambda device="cuda": torch.full((16,), 7, dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [
+            torch.full((16,), d, dtype=torch.uint8) for d in range(visible)])
+
+    def set_rng_state(self, state: torch.Tensor, device="cuda") -> None:
+        index = {"cuda": self.current}.get(device, device)
+        index = index.index if isinstance(index, torch.device) else int(index)
+        if index >= self.visible:
+            raise IndexError(f"no CUDA device {index}")
+        self.set_calls.append((index, int(state[0])))
+
+
+def test_cuda_rng_state_is_this_devices_and_old_lists_restore(monkeypatch) -> None:
+    """The resume state holds this process's device's CUDA RNG state; a state of an earlier
+    version (one entry per device of the machine that saved it) restores the entry of this
+    process's device, also when fewer devices are visible now than when it was saved."""
+    fake = FakeCuda(monkeypatch, visible=2, current=1)
+    state = utils.rng_state()
+    assert isinstance(state["cuda"], torch.Tensor) and int(state["cuda"][0]) == 7
+    utils.set_rng_state(state)
+    assert fake.set_calls == [(1, 7)]  # device 1 only, with the saved state
+
+    old = {**state, "cuda": [torch.full((16,), d, dtype=torch.uint8) for d in range(4)]}
+    fake = FakeCuda(monkeypatch, visible=1, current=0)  # saved on 4 GPUs, resumed on 1
+    utils.set_rng_state(old)
+    assert fake.set_calls == [(0, 0)]
+    fake = FakeCuda(monkeypatch, visible=2, current=1)  # LOCAL_RANK 1 takes entry 1
+    utils.set_rng_state(old)
+    assert fake.set_calls == [(1, 1)]
+
+
+# -------------------------------------------------------------------------- process group
+@pytest.mark.parametrize("gpu", [-1, 0])
+def test_process_group_gets_timeout_and_device(monkeypatch, gpu: int) -> None:
+    """Under torchrun, init_process_group gets DIST_TIMEOUT_MINUTES and, on CUDA, this
+    process's device (LOCAL_RANK)."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(utils, "select_device", lambda i: torch.device("cuda", i))
+    before = torch.get_num_threads()
+    cfg = load_config(None, [f"GPU_ID={gpu}", "DIST_TIMEOUT_MINUTES=90"], quiet=True)
+    rank, world, device = training.start_process(cfg)
+    torch.set_num_threads(before)
+    assert (rank, world) == (1, 2)
+    assert len(calls) == 1 and calls[0]["timeout"] == timedelta(minutes=90)
+    if gpu < 0:
+        assert device == CPU and calls[0]["backend"] == "gloo" and "device_id" not in calls[0]
+    else:
+        assert calls[0]["backend"] == "nccl"
+        assert calls[0]["device_id"] == device == torch.device("cuda", 1)
+    assert load_config(None, [], quiet=True).DIST_TIMEOUT_MINUTES == 60.0
