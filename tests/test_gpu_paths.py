@@ -149,3 +149,34 @@ def test_process_group_gets_timeout_and_device(monkeypatch, gpu: int) -> None:
         assert calls[0]["backend"] == "nccl"
         assert calls[0]["device_id"] == device == torch.device("cuda", 1)
     assert load_config(None, [], quiet=True).DIST_TIMEOUT_MINUTES == 60.0
+
+
+# ------------------------------------------------------------------------------ quantizer
+def test_quantizer_forward_reads_no_buffer_after_initialisation(monkeypatch) -> None:
+    """After the codebook's initialisation (or a load of an initialised state, also through a
+    parent module), a training forward reads nothing back from the device: no bool()/item()
+    of a tensor (each one a host sync on CUDA)."""
+    from clipgen.quantizer import VectorQuantizer
+
+    torch.manual_seed(0)
+    q = VectorQuantizer(16, 4).train()
+    z = torch.randn(2, 4, 3, 3)
+    q(z)
+    assert bool(q.initialized)
+    fresh = torch.nn.Sequential(VectorQuantizer(16, 4)).train()
+    fresh.load_state_dict(torch.nn.Sequential(q).state_dict())
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host in forward")
+
+    codes = q.embedding.weight.clone()
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__bool__", no_read)
+        m.setattr(torch.Tensor, "item", no_read)
+        q(z)
+        fresh[0](z)
+    assert torch.equal(fresh[0].embedding.weight, codes)  # loaded as initialised: not re-seeded
+    # loading an uninitialised state makes the next training forward initialise again
+    fresh[0].load_state_dict(VectorQuantizer(16, 4).state_dict())
+    fresh[0](z)
+    assert bool(fresh[0].initialized) and not torch.equal(fresh[0].embedding.weight, codes)
