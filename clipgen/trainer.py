@@ -260,8 +260,9 @@ class CLIPGenTrainer(EpochTrainer):
 
     # ----------------------------------------------------------------------- one step
     def train_step(self, batch: dict) -> dict[str, float]:
-        """Teacher-forced CE (+ the reconstruction term), one finite check, one AdamW step at
-        this step's learning rate."""
+        """Teacher-forced CE (+ the reconstruction term), one AdamW step at this step's
+        learning rate, then one finite check (after the step is queued: no host wait
+        between forward and backward)."""
         c, dev = self.cfg.CLIPGEN, self.device
         tokens = batch["tokens"].to(dev, non_blocking=True)
         emb = batch["emb"].to(dev, non_blocking=True)
@@ -278,7 +279,6 @@ class CLIPGenTrainer(EpochTrainer):
                      if self.recon_weight > 0 else zero)
             loss = ce + self.recon_weight * recon
         lr = lr_at(self.step, self.total_steps, float(c.LR), int(c.WARMUP_STEPS))
-        stats = self.checked({"loss": loss, "ce": ce, "recon": recon})
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
@@ -288,6 +288,7 @@ class CLIPGenTrainer(EpochTrainer):
             nn.utils.clip_grad_norm_(self.gpt.parameters(), float(c.GRAD_CLIP))
         self.scaler.step(self.opt)
         self.scaler.update()
+        stats = self.checked({"loss": loss, "ce": ce, "recon": recon})
         stats["lr"] = lr
         return stats
 

@@ -253,8 +253,9 @@ class VQGANTrainer(EpochTrainer):
 
     # --------------------------------------------------------------------------- one step
     def train_step(self, batch: dict) -> dict[str, float]:
-        """Autoencoder losses (+ the discriminator's from DISC_START), one finite check for all
-        of them, then the two optimizer steps and, when due, the dead-code restart."""
+        """Autoencoder losses (+ the discriminator's from DISC_START), the two optimizer
+        steps, one finite check for all of them (after the steps are queued: no host wait
+        between forward and backward) and, when due, the dead-code restart."""
         v, dev = self.cfg.VQGAN, self.device
         x = batch["image"].to(dev, non_blocking=True).contiguous(
             memory_format=self.memory_format)
@@ -279,7 +280,6 @@ class VQGANTrainer(EpochTrainer):
         values = {"loss": loss, "l1": l1, "perceptual": perceptual, "vq": vq_loss,
                   "g_adv": g_adv, "d": d_loss, "adaptive_weight": weight,
                   "perplexity": qstats["perplexity"]}
-        stats = self.checked(values)
         self.opt_ae.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt_ae)
@@ -289,6 +289,7 @@ class VQGANTrainer(EpochTrainer):
             self.scaler_d.scale(d_loss).backward()
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
+        stats = self.checked(values)
         if bool(v.RESTART_DEAD) and (self.step + 1) % int(v.RESTART_EVERY) == 0:
             # drawn from (SEED, step), not the global RNG, whose history differs after a resume
             draw = torch.Generator().manual_seed(int(self.cfg.SEED) * 1_000_003 + self.step)

@@ -203,10 +203,9 @@ class DAMSMTrainer(EpochTrainer):
         return loss, torch.stack([loss, w_total, s_total, contrastive]).detach()
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """Forward, finite check (all ranks together), backward, clip, step, schedule."""
+        """Forward, backward, clip, step, schedule, then the finite check (all ranks
+        together; nothing is saved after a bad step)."""
         loss, parts = self.losses(batch)
-        # one sync: the logged values + the check
-        stats = self.checked(dict(zip(TRAIN_STATS, parts, strict=True)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -214,7 +213,9 @@ class DAMSMTrainer(EpochTrainer):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return stats
+        # one sync (the logged values + the check), after the step is queued: on CUDA a read
+        # before the backward would leave the GPU idle while the host waits for it
+        return self.checked(dict(zip(TRAIN_STATS, parts, strict=True)))
 
     # ------------------------------------------------------------------------- validation
     @torch.no_grad()

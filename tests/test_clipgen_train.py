@@ -404,3 +404,12 @@ def test_paper_configs_give_gpt2_medium_on_the_coco_tokenizer() -> None:
     coco = load_config(ROOT / "cfg" / "clipgen_coco.yml", quiet=True)
     assert (coco.CLIPGEN.TOP_K, coco.CLIPGEN.TOP_P, coco.CLIPGEN.RECON_WEIGHT) == (500, 0.95, 0.2)
     assert coco.EVAL.NUM_IMAGES == 30000
+
+
+def test_finite_check_runs_after_the_step(data_dir, vq_ckpt, tiny_encoder_ckpt,
+                                          tmp_path) -> None:
+    from conftest import assert_checked_after_step
+
+    cfg = gen_cfg(data_dir, tmp_path / "out", vq_ckpt, tiny_encoder_ckpt)
+    trainer = CLIPGenTrainer(cfg, CPU, progress=False)
+    assert_checked_after_step(trainer, trainer.opt)
