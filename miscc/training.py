@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -151,6 +152,17 @@ def seeded_train_loader(dataset: Dataset, batch: int, cfg, device: torch.device,
     loader = DataLoader(SeededItems(dataset, int(cfg.SEED)), batch, sampler=sampler,
                         drop_last=True, **loader_options(cfg, device))
     return sampler, loader
+
+
+def seed_step(seed: int, rank: int, step: int, device: torch.device) -> None:
+    """Seed torch's global CPU generator and this process's CUDA one from (seed, rank, step)
+    before each training step: dropout masks differ between ranks (one seed on every rank
+    would drop the same units everywhere) and need no RNG state carried over a resume.
+    Model initialisation, data order and the trainers' noise use their own seeds."""
+    mixed = int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
+    torch.default_generator.manual_seed(mixed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(mixed)
 
 
 # ---------------------------------------------------------------------- precision, losses
@@ -462,6 +474,7 @@ class EpochTrainer:
                     bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{max_epoch}",
                                total=len(self.loader), disable=not self.progress, leave=False)
                     for batch in bar:
+                        seed_step(int(cfg.SEED), self.rank, self.step, self.device)
                         last = self.train_step(batch)
                         self.step += 1
                         self.in_epoch += 1

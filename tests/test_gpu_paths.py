@@ -180,3 +180,38 @@ def test_quantizer_forward_reads_no_buffer_after_initialisation(monkeypatch) -> 
     fresh[0].load_state_dict(VectorQuantizer(16, 4).state_dict())
     fresh[0](z)
     assert bool(fresh[0].initialized) and not torch.equal(fresh[0].embedding.weight, codes)
+
+
+# ------------------------------------------------------------------------ per-rank dropout
+class DropoutTrainer(training.EpochTrainer):
+    """The shared loop around a step that only draws a dropout mask (2 steps, one epoch)."""
+
+    def __init__(self, cfg, rank: int, world: int) -> None:
+        super().__init__(cfg, CPU, rank, world, progress=False)
+        self.sampler = training.EpochSampler(4 * world, 2, int(cfg.SEED), rank, world)
+        self.loader = [0, 1]
+        self.masks: list[torch.Tensor] = []
+
+    def train_step(self, batch) -> dict[str, float]:
+        self.masks.append(torch.nn.functional.dropout(torch.ones(256), 0.5) == 0)
+        return self.checked({"loss": torch.zeros(())})
+
+
+def test_ranks_draw_different_dropout_masks_and_resume_draws_the_same(tmp_path) -> None:
+    """Under torchrun (rank 0 and 1, seeded alike at the start as start_process does), the
+    ranks' dropout masks differ; each rank's masks depend only on (SEED, rank, step)."""
+    def masks(rank: int, world: int = 2, **kw) -> list[torch.Tensor]:
+        cfg = load_config(None, [f"OUTPUT_DIR={tmp_path / f'r{rank}'}", "TRAIN.MAX_EPOCH=1",
+                                 "TRAIN.STOP_SIGNALS="], quiet=True)
+        torch.manual_seed(int(cfg.SEED))
+        trainer = DropoutTrainer(cfg, rank, world)
+        torch.rand(kw.get("skew", 0))  # whatever ran before (a resume) does not matter
+        trainer.train()
+        return trainer.masks
+
+    rank0, rank1 = masks(0), masks(1)
+    assert len(rank0) == len(rank1) == 2
+    assert not torch.equal(rank0[0], rank1[0]) and not torch.equal(rank0[1], rank1[1])
+    assert not torch.equal(rank0[0], rank0[1])
+    again = masks(0, skew=5)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, again, strict=True))
