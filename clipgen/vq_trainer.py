@@ -272,7 +272,10 @@ class VQGANTrainer(EpochTrainer):
                 g_adv = -self.disc(xrec).mean()
                 self.disc.requires_grad_(True)
         if adversarial:
-            weight = adaptive_weight(rec, g_adv, self.vq.last_layer, float(v.DISC_WEIGHT))
+            # the loss scale as a tensor (GradScaler.get_scale would be a host read)
+            scale = self.scaler.scale(torch.ones((), device=dev))
+            weight = adaptive_weight(rec, g_adv, self.vq.last_layer, float(v.DISC_WEIGHT),
+                                     scale)
             with self._autocast():
                 real, fake = self.d_step(x, xrec.detach())
                 d_loss = hinge_d_loss(real, fake)

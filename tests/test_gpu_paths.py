@@ -215,3 +215,64 @@ def test_ranks_draw_different_dropout_masks_and_resume_draws_the_same(tmp_path) 
     assert not torch.equal(rank0[0], rank0[1])
     again = masks(0, skew=5)
     assert all(torch.equal(a, b) for a, b in zip(rank0, again, strict=True))
+
+
+# ------------------------------------------------------------------------- adaptive weight
+def test_adaptive_weight_is_unchanged_by_loss_scaling() -> None:
+    """The VQGAN's adaptive weight from gradients of the scaled losses: the same for scale 1
+    and 2^16 in fp32, and under fp16 autocast with losses so small that their unscaled
+    gradients underflow (the weight would be 0), the fp32 value with the GradScaler's scale."""
+    from clipgen.vq_losses import adaptive_weight
+
+    torch.manual_seed(0)
+    first, last = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 3, 3, padding=1)
+    x = torch.randn(2, 3, 16, 16)
+    target = torch.randn(2, 3, 16, 16)
+
+    def weight(scale: float, dtype: torch.dtype | None) -> float:
+        with torch.autocast("cpu", dtype=dtype or torch.float16, enabled=dtype is not None):
+            out = last(torch.relu(first(x)))
+            rec = 1e-5 * (out.float() - target).abs().mean()
+            adv = -1e-5 * out.float().mean()
+        return float(adaptive_weight(rec, adv, last.weight, 0.8, torch.tensor(scale)))
+
+    reference = weight(1.0, None)
+    assert reference > 0
+    assert weight(2.0**16, None) == pytest.approx(reference, rel=1e-5)
+    assert weight(1.0, torch.float16) == 0.0  # the unscaled fp16 gradients underflow
+    assert weight(2.0**16, torch.float16) == pytest.approx(reference, rel=2e-2)
+    # a scale that overflows the fp16 gradients: weight 0 (the GradScaler skips the step)
+    assert weight(2.0**40, torch.float16) == 0.0
+
+
+# ------------------------------------------------------------------------- spectral norm
+def test_spectral_norm_runs_in_fp32_under_autocast(monkeypatch) -> None:
+    """The discriminators' SN convolutions under bf16 autocast: the power iteration and σ run
+    with autocast off (no torch.mv in bf16), u/v stay fp32, the normalised weight equals the
+    fp32 module's, and the convolution itself runs in bf16."""
+    import copy
+
+    from model import _sn_conv
+
+    torch.manual_seed(0)
+    conv = _sn_conv(8, 16, 3, 1, 1)
+    plain = copy.deepcopy(conv)
+    x = torch.randn(2, 8, 8, 8)
+    states = []
+    real_mv = torch.mv
+
+    def mv(*args, **kwargs):
+        states.append(torch.is_autocast_enabled("cpu"))
+        return real_mv(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mv", mv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16
+    assert states and not any(states), "spectral norm ran under autocast"
+    plain(x)  # the same power iteration in fp32
+    sn, ref = conv.parametrizations.weight[0], plain.parametrizations.weight[0]
+    assert sn._u.dtype == sn._v.dtype == torch.float32
+    assert torch.equal(sn._u, ref._u) and torch.equal(sn._v, ref._v)
+    with torch.no_grad():
+        torch.testing.assert_close(conv.weight, plain.weight, rtol=1e-6, atol=0)
