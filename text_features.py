@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from datasets import cache_root
 from miscc.config import ConfigError
-from miscc.training import resolve_checkpoint
+from miscc.training import inference_precision, resolve_checkpoint
 from miscc.utils import (
     atomic_write_bytes,
     barrier,
@@ -121,7 +121,8 @@ def text_feature_cache(cfg, split: str, tokens: torch.Tensor, encoder: ClipEncod
     folder = feature_cache_root(cfg) / f"text_{split}_{key}"
     meta = folder / "meta.json"
     if is_local_main_process() and not meta.is_file():
-        shapes = encode_all_captions(encoder, tokens, device, folder, progress=progress)
+        with inference_precision(cfg, device):
+            shapes = encode_all_captions(encoder, tokens, device, folder, progress=progress)
         atomic_write_bytes(meta, json.dumps({"split": split, "shape": list(shapes["words"]),
                                              "words_num": int(cfg.TEXT.WORDS_NUM)}).encode())
     barrier()

@@ -40,6 +40,7 @@ from miscc.training import (
     EpochTrainer,
     check_replicas,
     fused_options,
+    inference_precision,
     load_resume_state,
     load_scaler_state,
 )
@@ -142,9 +143,10 @@ class CLIPGenTrainer(EpochTrainer):
             raise DataError(f"TRAIN.BATCH_SIZE={self.batch} per process is larger than the "
                             f"train split's share of each of the {world} processes "
                             f"({len(data) // world} images); lower TRAIN.BATCH_SIZE")
-        self.cache = token_cache(feature_cache_root(cfg), data, self.vq, self.encoder, device,
-                                 int(c.VIEWS), int(cfg.SEED), workers=int(cfg.WORKERS),
-                                 progress=self.progress)
+        with inference_precision(cfg, device):
+            self.cache = token_cache(feature_cache_root(cfg), data, self.vq, self.encoder,
+                                     device, int(c.VIEWS), int(cfg.SEED),
+                                     workers=int(cfg.WORKERS), progress=self.progress)
         self.sampler = EpochSampler(len(data), self.batch, int(cfg.SEED), rank, world)
         self.loader = CachedBatches(self.cache, self.sampler, self.batch)
         self.recon_weight = float(c.RECON_WEIGHT)

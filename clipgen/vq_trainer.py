@@ -35,6 +35,7 @@ from miscc.training import (
     EpochTrainer,
     check_replicas,
     fused_options,
+    inference_precision,
     load_resume_state,
     load_scaler_state,
     loader_options,
@@ -81,7 +82,7 @@ def reconstruct(vq: VQModel, data: TokenizerImages, cfg, device: torch.device,
                         **loader_options(cfg, device))
     sums = torch.zeros(3, dtype=torch.float64)  # L1, PSNR, images
     counts = torch.zeros(vq.arch.n_embed, dtype=torch.float64)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), inference_precision(cfg, device):
         _reconstruct_into(vq, loader, device, sums, counts, out_dir, real_dir, progress)
     sums, counts = _all_sum(sums.to(device)).cpu(), _all_sum(counts.to(device)).cpu()
     images = max(int(sums[2]), 1)

@@ -192,6 +192,17 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: Mapping[str, Any]) ->
     scaler.load_state_dict(dict(state))
 
 
+def inference_precision(cfg, device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision of sampling, evaluation and cache building: with TRAIN.AMP on CUDA,
+    TF32 for the matmuls and convolutions left in fp32 and autocast to the training's dtype
+    (`amp_dtype`); a no-op on CPU or with TRAIN.AMP off (then everything is fp32)."""
+    if not (bool(cfg.TRAIN.AMP) and device.type == "cuda"):
+        return contextlib.nullcontext()
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls (cuDNN convolutions: default)
+    torch.backends.cudnn.allow_tf32 = True
+    return autocast(True, amp_dtype(device))
+
+
 def memory_format(channels_last: bool) -> torch.memory_format:
     """The layout of convolution weights and image batches (TRAIN.CHANNELS_LAST)."""
     return torch.channels_last if channels_last else torch.contiguous_format

@@ -276,3 +276,58 @@ def test_spectral_norm_runs_in_fp32_under_autocast(monkeypatch) -> None:
     assert torch.equal(sn._u, ref._u) and torch.equal(sn._v, ref._v)
     with torch.no_grad():
         torch.testing.assert_close(conv.weight, plain.weight, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------- inference precision
+def test_inference_precision_is_tf32_and_autocast_on_cuda_with_amp(monkeypatch) -> None:
+    """On CUDA with TRAIN.AMP: TF32 matmuls and autocast to the training's dtype; on CPU or
+    with TRAIN.AMP off nothing changes."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    before = torch.get_float32_matmul_precision()
+    cuda = torch.device("cuda", 0)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        amp_on, amp_off = (load_config(None, [f"TRAIN.AMP={v}"], quiet=True)
+                           for v in (True, False))
+        for cfg, device in ((amp_on, CPU), (amp_off, cuda)):
+            assert isinstance(training.inference_precision(cfg, device),
+                              contextlib.nullcontext)
+            assert torch.get_float32_matmul_precision() == "highest"
+        with pytest.warns(UserWarning):  # no CUDA on this machine: autocast warns
+            ctx = training.inference_precision(amp_on, cuda)
+        assert isinstance(ctx, torch.autocast)
+        assert (ctx.device, ctx.fast_dtype) == ("cuda", torch.bfloat16)
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_caption_cache_is_built_in_inference_precision(shapes_cfg, tiny_encoder_ckpt,
+                                                       tmp_path, monkeypatch) -> None:
+    """Building the caption-feature cache runs inside `inference_precision` (a cache read
+    does not need it)."""
+    import contextlib
+
+    import text_features
+    from datasets import CaptionTokenizer, TextImageDataset, image_sizes
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recorder(cfg, device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(text_features, "inference_precision", recorder)
+    cfg = shapes_cfg(f"CACHE_DIR={tmp_path / 'cache'}", f"TRAIN.NET_E={tiny_encoder_ckpt}",
+                     "CLIP.MODEL=tiny", f"OUTPUT_DIR={tmp_path / 'out'}")
+    data = TextImageDataset(cfg, "test", CaptionTokenizer(int(cfg.TEXT.WORDS_NUM)),
+                            image_sizes(cfg), train=False, use_cache=False)
+    encoder = text_features.load_frozen_encoder(cfg, CPU)
+    text_features.text_feature_cache(cfg, "test", data.tokens, encoder, CPU, progress=False)
+    assert entered == [CPU]
+    text_features.text_feature_cache(cfg, "test", data.tokens, encoder, CPU, progress=False)
+    assert entered == [CPU]
