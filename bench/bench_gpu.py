@@ -13,6 +13,7 @@ On a machine without CUDA, `--gpu -1 --steps 2 --batch 2` checks that the script
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -33,8 +34,28 @@ SETTINGS = (("fp32, contiguous", False, False), ("AMP", True, False),
             ("channels_last", False, True), ("AMP + channels_last", True, True))
 
 
+def select_device(gpu: int) -> torch.device:
+    """`--gpu`: the CPU (-1) or that CUDA device, made current (allocations, streams and
+    cuDNN handles of code that names no index go there too)."""
+    if gpu < 0:
+        return torch.device("cpu")
+    torch.cuda.set_device(gpu)
+    return torch.device("cuda", gpu)
+
+
+def release(device: torch.device) -> None:
+    """Free what an earlier setting left (its trainer may sit in reference cycles) and
+    restart the peak-memory count, so that each setting's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def run(cfg, device: torch.device, steps: int) -> tuple[float, float]:
     """(images/s, peak memory GiB) over `steps` training steps after two warm-up steps."""
+    release(device)
     trainer = GANTrainer(cfg, device, fresh=True, progress=False)
     trainer.sampler.set_epoch(0)
     batches = [b for _, b in zip(range(4), trainer.loader, strict=False)]
@@ -60,7 +81,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=10, help="per process (birds: 10)")
     args = parser.parse_args()
-    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    device = select_device(args.gpu)
     with tempfile.TemporaryDirectory() as tmp:
         data, enc = Path(tmp) / "data", Path(tmp) / "clip.pth"
         make_shapes_dataset(data, n_train=max(4 * args.batch, 8), n_test=4, size=304)

@@ -331,3 +331,40 @@ def test_caption_cache_is_built_in_inference_precision(shapes_cfg, tiny_encoder_
     assert entered == [CPU]
     text_features.text_feature_cache(cfg, "test", data.tokens, encoder, CPU, progress=False)
     assert entered == [CPU]
+
+
+# ------------------------------------------------------------------------------ bench_gpu
+def test_bench_gpu_selects_its_device_and_measures_each_setting_alone(monkeypatch) -> None:
+    """bench/bench_gpu.py makes --gpu N the current device, and every setting starts from
+    freed memory and a fresh peak count (before its trainer is built)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_gpu
+
+    log = []
+    for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name, **k: log.append(_n))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 2**30)
+    monkeypatch.setattr(bench_gpu.gc, "collect", lambda: log.append("gc"))
+
+    class FakeTrainer:
+        batch = 2
+
+        def __init__(self, *args, **kwargs) -> None:
+            log.append("build")
+            self.sampler = training.EpochSampler(8, 2, 0)
+            self.loader = [0, 1, 2, 3]
+
+        def train_step(self, batch) -> None:
+            log.append("step")
+
+    monkeypatch.setattr(bench_gpu, "GANTrainer", FakeTrainer)
+    device = bench_gpu.select_device(1)
+    assert device == torch.device("cuda", 1) and log == ["set_device"]
+    log.clear()
+    _, peak = bench_gpu.run(None, device, steps=1)
+    assert peak == 1.0
+    assert log[:log.index("build")] == ["gc", "synchronize", "empty_cache",
+                                        "reset_peak_memory_stats"]
+    assert bench_gpu.select_device(-1) == CPU
