@@ -100,7 +100,7 @@ def encode_all_captions(encoder: ClipEncoder, tokens: torch.Tensor, device: torc
         for start in tqdm(range(0, n * c, batch), desc="text features", disable=not progress,
                           leave=False):
             w, s, m = encoder.encode_text(flat[start: start + batch, :length].to(device))
-            out["words"].write(w.cpu().numpy())
+            out["words"].write(w.float().cpu().numpy())  # bf16 under autocast
             out["sent"].write(s.float().cpu().numpy())
             out["mask"].write(m.cpu().numpy())
     return shapes

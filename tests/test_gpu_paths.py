@@ -368,3 +368,31 @@ def test_bench_gpu_selects_its_device_and_measures_each_setting_alone(monkeypatc
     assert log[:log.index("build")] == ["gc", "synchronize", "empty_cache",
                                         "reset_peak_memory_stats"]
     assert bench_gpu.select_device(-1) == CPU
+
+
+def test_caption_cache_builds_under_bf16_autocast(shapes_cfg, tiny_encoder_ckpt, tmp_path,
+                                                  monkeypatch) -> None:
+    """Built under autocast (as `inference_precision` runs it on CUDA, here CPU bf16), the
+    caption-feature cache stores features within bf16 rounding of the fp32 ones."""
+    import text_features
+    from datasets import CaptionTokenizer, TextImageDataset, image_sizes
+
+    def build(cache: str):
+        cfg = shapes_cfg(f"CACHE_DIR={tmp_path / cache}", f"TRAIN.NET_E={tiny_encoder_ckpt}",
+                         "CLIP.MODEL=tiny", f"OUTPUT_DIR={tmp_path / 'out'}")
+        data = TextImageDataset(cfg, "test", CaptionTokenizer(int(cfg.TEXT.WORDS_NUM)),
+                                image_sizes(cfg), train=False, use_cache=False)
+        encoder = text_features.load_frozen_encoder(cfg, CPU)
+        return text_features.text_feature_cache(cfg, "test", data.tokens, encoder, CPU,
+                                                progress=False)
+
+    fp32 = build("fp32")
+    monkeypatch.setattr(text_features, "inference_precision",
+                        lambda cfg, device: torch.autocast("cpu", dtype=torch.bfloat16))
+    bf16 = build("bf16")
+    idx, cap = torch.tensor([0, 5, 11]), torch.tensor([0, 3, 9])
+    for a, b in zip(bf16.lookup(idx, cap), fp32.lookup(idx, cap), strict=True):
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
