@@ -20,7 +20,7 @@ from tqdm import tqdm
 from datasets import CaptionTokenizer, DataError, TextImageDataset, image_sizes
 from miscc.judge import EvalJudge
 from miscc.pictures import save_caption_grid, save_png_file, to_uint8
-from miscc.training import resolve_checkpoint
+from miscc.training import inference_precision, resolve_checkpoint
 from miscc.utils import atomic_write_bytes, barrier, is_main_process
 from model import ClipEncoder, Generator, gan_arch, load_generator
 from r_precision import independent_entry, load_independent_encoder, report_lines, score_generated
@@ -180,8 +180,9 @@ def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict 
         words, sent, mask = text
         return netG(z[pairs].to(device), sent, words, mask, eps[pairs].to(device))[0][-1]
 
-    return evaluate_test_set(cfg, device, encoder, data, make_images,
-                             {"generator": str(cfg.TRAIN.NET_G)}, progress=progress)
+    with inference_precision(cfg, device):
+        return evaluate_test_set(cfg, device, encoder, data, make_images,
+                                 {"generator": str(cfg.TRAIN.NET_G)}, progress=progress)
 
 
 def caption_files(cfg, captions: str | None) -> list[tuple[str, Path]]:
@@ -257,4 +258,5 @@ def generate_custom(cfg, device: torch.device, captions: str | None = None) -> l
         words, sent, mask = text
         return netG(z, sent, words, mask, eps)[0][-1]
 
-    return caption_file_grids(cfg, device, encoder, captions, make_images)
+    with inference_precision(cfg, device):
+        return caption_file_grids(cfg, device, encoder, captions, make_images)

@@ -34,6 +34,7 @@ from miscc.training import (
     damsm_class_ids,
     fused_options,
     load_resume_state,
+    load_scaler_state,
     memory_format,
     resolve_checkpoint,
     seeded_train_loader,
@@ -172,7 +173,7 @@ class GANTrainer(EpochTrainer):
             load_state_strict(unwrap(d), state["netDs"][i], f"discriminator {i} in {path}")
             opt.load_state_dict(state["optDs"][i])
         self.optG.load_state_dict(state["optG"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         self._restore_progress(path, state)
         return True
 

@@ -42,8 +42,18 @@ SETTINGS = (("fp32, contiguous", False, False), ("AMP", True, False),
 COCO_GRID = GPTArch(vocab=16384, tokens=256, cond_dim=512, n_layer=24, n_embd=1024, n_head=16)
 
 
-def fresh_peak(device: torch.device) -> None:
-    """Free what an earlier setting left and restart the peak-memory counter."""
+def select_device(gpu: int) -> torch.device:
+    """`--gpu`: the CPU (-1) or that CUDA device, made current (allocations, streams and
+    cuDNN handles of code that names no index go there too)."""
+    if gpu < 0:
+        return torch.device("cpu")
+    torch.cuda.set_device(gpu)
+    return torch.device("cuda", gpu)
+
+
+def release(device: torch.device) -> None:
+    """Free what an earlier setting left (its trainer may sit in reference cycles) and
+    restart the peak-memory count, so that each setting's peak is its own."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,12 +84,12 @@ def profile_steps(trainer, batches: list, steps: int, device: torch.device) -> N
         print(table.table(sort_by=key, row_limit=12, max_name_column_width=48))
 
 
-def run(cfg, device: torch.device, steps: int, kind=GANTrainer,
+def run(cfg, device: torch.device, steps: int, kind=None,
         profile: int = 0) -> tuple[float, float]:
     """(images/s, peak memory GiB) over `steps` training steps after two warm-up steps; then
     `profile` steps under torch.profiler when asked."""
-    fresh_peak(device)
-    trainer = kind(cfg, device, fresh=True, progress=False)
+    release(device)
+    trainer = (kind or GANTrainer)(cfg, device, fresh=True, progress=False)
     trainer.sampler.set_epoch(0)
     batches = [b for _, b in zip(range(4), trainer.loader, strict=False)]
     for b in batches[:2]:
@@ -106,7 +116,7 @@ def sampler_speed(device: torch.device, batch: int) -> list[tuple[str, float, fl
     rows = []
     for name, dtype, amp in (("fp32", torch.float32, False), ("bf16 autocast", torch.float32, True),
                              ("bf16 weights + KV cache", torch.bfloat16, True)):
-        fresh_peak(device)
+        release(device)
         torch.manual_seed(0)
         model = CondGPT(COCO_GRID).eval().to(device=device, dtype=dtype)
         cond = torch.randn(batch, COCO_GRID.cond_dim, device=device, dtype=dtype)
@@ -141,9 +151,7 @@ def main() -> None:
     parser.add_argument("--vq-batch", type=int, default=12,
                         help="VQGAN tokenizer batch (COCO: 12; 0: skip the tokenizer)")
     args = parser.parse_args()
-    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = select_device(args.gpu)
     with tempfile.TemporaryDirectory() as tmp:
         data, enc = Path(tmp) / "data", Path(tmp) / "clip.pth"
         make_shapes_dataset(data, n_train=max(4 * args.batch, 8), n_test=4, size=304)

@@ -17,7 +17,7 @@ from clipgen.vq_trainer import CHECKPOINT_PATTERN as VQGAN_PATTERN
 from clipgen.vqgan import VQModel
 from datasets import image_sizes
 from miscc.config import ConfigError
-from miscc.training import memory_format, resolve_checkpoint
+from miscc.training import inference_precision, memory_format, resolve_checkpoint
 from miscc.utils import CheckpointError, load_checkpoint, load_state_strict
 from model import ClipEncoder
 from text_features import encoder_digest
@@ -107,12 +107,14 @@ def draw_images(cfg, gpt: CondGPT, vq: VQModel, cond: torch.Tensor, ids: torch.T
         ids = ids.repeat_interleave(n) * n + torch.arange(n).repeat(len(ids)).to(ids)
     was_training = gpt.training
     gpt.eval()
-    tokens = sample_tokens(gpt, cond, ids, int(cfg.SEED), int(c.TOP_K), float(c.TOP_P),
-                           float(c.TEMPERATURE))
-    gpt.train(was_training)
-    images = vq.decode_indices(tokens.view(-1, side, side)).float().clamp(-1, 1)
-    if n == 1:
-        return images
-    scores = F.cosine_similarity(encoder.encode_image(images)[1].float(), cond.float(), dim=-1)
+    with inference_precision(cfg, cond.device):
+        tokens = sample_tokens(gpt, cond, ids, int(cfg.SEED), int(c.TOP_K), float(c.TOP_P),
+                               float(c.TEMPERATURE))
+        gpt.train(was_training)
+        images = vq.decode_indices(tokens.view(-1, side, side)).float().clamp(-1, 1)
+        if n == 1:
+            return images
+        codes = encoder.encode_image(images)[1].float()
+    scores = F.cosine_similarity(codes, cond.float(), dim=-1)
     best = scores.view(-1, n).argmax(1)
     return images.view(-1, n, *images.shape[1:])[torch.arange(len(best)), best]

@@ -36,6 +36,10 @@ def default_config() -> EasyDict:
             "CUDA": True,
             "WORKERS": 4,
             "CPU_THREADS": 0,  # >0: torch intra-op threads on CPU runs (tiny models: 1)
+            # torchrun: minutes any collective may wait before the job aborts, including the
+            # barrier where the other processes wait while the first one of a node builds a
+            # token or text-feature cache (raise it for ImageNet-sized caches)
+            "DIST_TIMEOUT_MINUTES": 60.0,
             "SEED": 100,
             "B_VALIDATION": False,
             "TREE": {"BRANCH_NUM": 3, "BASE_SIZE": 64},

@@ -29,6 +29,7 @@ from miscc.training import (
     damsm_class_ids,
     fused_options,
     load_resume_state,
+    load_scaler_state,
     loader_options,
     resolve_checkpoint,
     seeded_train_loader,
@@ -174,7 +175,7 @@ class DAMSMTrainer(EpochTrainer):
             sched.update(total_steps=fresh["total_steps"],
                          _schedule_phases=fresh["_schedule_phases"])
         self.scheduler.load_state_dict(sched)
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         self._restore_progress(path, state)
 
     # --------------------------------------------------------------------------- one step
@@ -202,10 +203,9 @@ class DAMSMTrainer(EpochTrainer):
         return loss, torch.stack([loss, w_total, s_total, contrastive]).detach()
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """Forward, finite check (all ranks together), backward, clip, step, schedule."""
+        """Forward, backward, clip, step, schedule, then the finite check (all ranks
+        together; nothing is saved after a bad step)."""
         loss, parts = self.losses(batch)
-        # one sync: the logged values + the check
-        stats = self.checked(dict(zip(TRAIN_STATS, parts, strict=True)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -213,7 +213,9 @@ class DAMSMTrainer(EpochTrainer):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return stats
+        # one sync (the logged values + the check), after the step is queued: on CUDA a read
+        # before the backward would leave the GPU idle while the host waits for it
+        return self.checked(dict(zip(TRAIN_STATS, parts, strict=True)))
 
     # ------------------------------------------------------------------------- validation
     @torch.no_grad()
