@@ -19,7 +19,7 @@ import torch
 from conftest import GAN_TINY, ROOT
 
 from miscc.config import load_config
-from sampling import caption_items, eval_items
+from miscc.protocol import caption_items, eval_items
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
