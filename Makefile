@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch's OpenMP threads sleep instead of spinning between parallel regions: with the default
-# spin-waiting a 2-thread run on a machine whose other core is busy ran ~4x slower (README)
+# spin-waiting a 2-thread run on a machine whose other core is busy ran ~4x slower (docs/benchmarks.md)
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: test lint bench demo demo-clipgen
@@ -45,7 +45,7 @@ demo: $(STAMP)
 	$(PY) report.py --stage1 cfg/DAMSM/shapes.yml --stage2 cfg/clip_shapes_DMGAN.yml \
 		--fid $(DEMO_OUT)/fid.json --out $(DEMO_OUT)
 
-# CLIP-GEN on the same set (README "CLIP-GEN"): the tokenizer, the token cache, the transformer,
+# CLIP-GEN on the same set (README "Quick start"): the tokenizer, the token cache, the transformer,
 # the test split prompted with text and with image embeddings, and the report with DM-GAN beside
 # it (DM-GAN's column is filled when `make demo` has run). Stage 1 (the CLIP encoder both use)
 # is trained here only when `make demo` has not already done it. The image-embedding upper
