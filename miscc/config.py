@@ -58,7 +58,7 @@ def default_config() -> EasyDict:
                 "CONTRASTIVE_WEIGHT": 0.2,
                 "TEMPERATURE": 0.5,
                 "EMA_DECAY": 0.999,
-                # preemption (README "Clusters and preemption"): a resume state at least this
+                # preemption (docs/training-at-scale.md): a resume state at least this
                 # often (0 = only at epoch ends and snapshots), and the signals that make a
                 # run finish its step, save a resume state and exit with code 75
                 "STATE_MINUTES": 30.0,
@@ -83,7 +83,7 @@ def default_config() -> EasyDict:
                     "LAMBDA": 5.0,
                     "ATTNGAN_SCORE": False,  # drop the paper's 1/gamma2 factor like AttnGAN's code
                     # DAMSM attention from raw word-region dot products (AttnGAN/DM-GAN code)
-                    # or cosines (the earlier CLIP + DM-GAN code); measured in README
+                    # or cosines; measured in docs/results.md
                     "SIMILARITY": "cosine",
                 },
             },
