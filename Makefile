@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # spin-waiting a 2-thread run on a machine whose other core is busy ran ~4x slower (docs/benchmarks.md)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: test lint bench demo demo-clipgen
+.PHONY: test lint bench demo demo-clipgen picture
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,3 +67,8 @@ demo-clipgen: $(STAMP)
 	$(PY) report.py --stage1 cfg/DAMSM/shapes.yml --stage2 cfg/clip_shapes_DMGAN.yml \
 		--fid $(DEMO_OUT)/fid.json --clipgen $(CLIPGEN_CFG) \
 		--clipgen-fid $(DEMO_OUT)/fid_clipgen.json --out $(DEMO_OUT)
+
+# README's picture (assets/shapes_side_by_side.png): the same test captions drawn by the two
+# generators the demos trained
+picture: $(STAMP)
+	$(PY) assets/side_by_side.py
