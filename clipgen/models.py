@@ -26,10 +26,17 @@ GPT_FORMAT = "clipgen-gpt/1"
 GPT_PATTERN = "gpt_epoch_*.pth"  # Model/gpt_epoch_<N>.pth (not gpt_step_<S>.pth)
 
 
+def tokenizer_path(cfg) -> str:
+    """CLIPGEN.VQGAN, or when empty the Model/ folder train_vqgan.py writes for this
+    DATASET_NAME (its default OUTPUT_DIR), so a tokenizer and a transformer trained on the
+    same data find each other without a path in either config."""
+    return str(cfg.CLIPGEN.VQGAN) or str(Path("output") / f"{cfg.DATASET_NAME}_VQGAN" / "Model")
+
+
 def load_tokenizer(cfg, device: torch.device, path: str = "") -> tuple[VQModel, Path]:
     """The frozen VQGAN of CLIPGEN.VQGAN (or `path`): a vqgan<N>.pth or the newest in a folder.
     Its image size must be the config's largest TREE size (the crops the cache encodes)."""
-    found = resolve_checkpoint(path or str(cfg.CLIPGEN.VQGAN), VQGAN_PATTERN,
+    found = resolve_checkpoint(path or tokenizer_path(cfg), VQGAN_PATTERN,
                                "VQGAN tokenizer (train_vqgan.py)", "CLIPGEN.VQGAN")
     vq = VQModel.from_checkpoint(found)
     size = max(image_sizes(cfg))

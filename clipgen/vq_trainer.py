@@ -178,7 +178,7 @@ class VQGANTrainer(EpochTrainer):
         super().__init__(cfg, device, rank, world, fresh, progress)
         v = cfg.VQGAN
         # on CPU too, unlike stage 2: the tokenizer's small convolutions ran 1.2x faster per
-        # step in channels-last on 2 cores (README, TRAIN.CHANNELS_LAST)
+        # step in channels-last on 2 cores (docs/configuration.md, TRAIN.CHANNELS_LAST)
         self.memory_format = memory_format(bool(cfg.TRAIN.CHANNELS_LAST))
         # missing VGG weights end the run before anything else is built
         self.lpips = (load_lpips(str(v.VGG_WEIGHTS)).to(device)
