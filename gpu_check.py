@@ -139,7 +139,8 @@ def checks(work: Path, bench_steps: int) -> list[Check]:
                       [*gpt, out("gpt"), "CLIPGEN.CONDITION=image"], quiet, "--eval"),
               [], ["gpt/metrics*.json"]),
         Check("bench/bench_gpu.py (birds config, ViT-B/32-sized encoder)",
-              ["bench/bench_gpu.py", "--gpu", "0", "--steps", str(bench_steps), "--batch", "4"],
+              ["bench/bench_gpu.py", "--gpu", "0", "--steps", str(bench_steps), "--batch", "4",
+               "--vq-batch", "2", "--sampler-batch", "4"],
               ["| AMP + channels_last |"]),
     ]
     return list_
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="every command's full output (default: ./gpu_check.log)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the runs here (default: a temporary folder, removed)")
-    parser.add_argument("--bench-steps", type=int, default=20)
+    parser.add_argument("--bench-steps", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per check")
     parser.add_argument("-k", dest="only", default="",
                         help="run only the checks whose name contains this (and 'data')")
