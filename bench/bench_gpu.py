@@ -76,7 +76,9 @@ def profile_steps(trainer, batches: list, steps: int, device: torch.device) -> N
             torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     table = prof.key_averages()
-    kernels = sum(e.self_device_time_total for e in table) / 1e6
+    # kernels are the CUDA-side events (operator rows repeat their kernels' time)
+    kernels = sum(e.self_device_time_total for e in table
+                  if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
     launches = sum(e.count for e in table if e.key == "cudaLaunchKernel")
     print(f"\nprofile of {steps} steps: {wall:.2f} s wall, GPU kernels {kernels:.2f} s "
           f"({kernels / wall:.0%} busy), {launches} kernel launches")
