@@ -72,7 +72,7 @@ def build_page(sides: list, examples: list[str], seed: int):
                     gr.Markdown(f"### {side.kind}")
                     outputs.append(gr.Gallery(label=side.kind, elem_id=f"{key}-images",
                                               elem_classes="pixels", columns=4, format="png",
-                                              allow_preview=False, height="auto"))
+                                              allow_preview=False, height=280))
                     outputs.append(gr.Markdown(elem_id=f"{key}-scores"))
         outputs.append(gr.Image(label="DM-GAN stage-1 word attention over draw 0",
                                 elem_id="attention", format="png"))
