@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # spin-waiting a 2-thread run on a machine whose other core is busy ran ~4x slower (docs/benchmarks.md)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: test lint bench demo demo-clipgen gpu-check picture
+.PHONY: test lint bench demo demo-clipgen gpu-check picture app app-deps
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,3 +78,22 @@ demo-clipgen: $(STAMP)
 # generators the demos trained
 picture: $(STAMP)
 	$(PY) assets/side_by_side.py
+
+# The page that draws a typed caption with both generators (README "Try it in a browser"), on
+# 127.0.0.1:$(PORT). Its packages (gradio) come from requirements-app.txt, apart from training's.
+# gradio caps pillow below the version requirements.txt pins; the pin is put back after it (the
+# page works with it: tests/test_app.py).
+APP_STAMP := $(VENV)/.app-installed
+PORT ?= 7860
+DMGAN_RUN ?= output/shapes_DMGAN
+CLIPGEN_RUN ?= output/shapes_CLIPGEN
+
+$(APP_STAMP): $(STAMP) requirements-app.txt
+	$(PY) -m pip install -q -r requirements-app.txt
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(APP_STAMP)
+
+app-deps: $(APP_STAMP)
+
+app: $(APP_STAMP)
+	$(PY) app.py --dmgan $(DMGAN_RUN) --clipgen $(CLIPGEN_RUN) --port $(PORT)

@@ -99,6 +99,10 @@ class CaptionTokenizer:
         self.eot = self._bpe.eot_token_id
         self.truncated = 0
 
+    def length(self, text: str) -> int:
+        """How many BPE word tokens `text` has (more than `words_num` are cut by `encode`)."""
+        return len(self._bpe.encode(text))
+
     def encode(self, text: str) -> torch.Tensor:
         """Token ids [context] for one caption."""
         ids = self._bpe.encode(text)

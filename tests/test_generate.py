@@ -6,64 +6,17 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import GAN_TINY, ROOT
 from PIL import Image
-from test_vqgan import vq_cfg
 
 import generate
-from clipgen.gpt import CondGPT, GPTArch
-from clipgen.models import gpt_checkpoint, sources
-from clipgen.vqgan import VQModel
 from drawing import CLIPGEN, DMGAN, RunError, draw, find_run, load
-from miscc.config import load_config, save_config
-from miscc.utils import atomic_torch_save
-from model import ClipEncoder, Generator, gan_arch, generator_checkpoint, init_gan_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CAPTIONS = ["a large red star in the top left on a black background", "a small blue circle"]
-
-
-@pytest.fixture(scope="module")
-def dmgan_run(shapes_dir, tiny_encoder_ckpt, tmp_path_factory) -> Path:
-    """A DM-GAN run folder as main.py leaves it: config.yml + Model/netG_epoch_2.pth (untrained,
-    seeded), the encoder a stage-1 checkpoint."""
-    out = tmp_path_factory.mktemp("dmgan_run")
-    cfg = load_config(ROOT / "cfg" / "clip_shapes_DMGAN.yml",
-                      [*GAN_TINY, f"DATA_DIR={shapes_dir}", f"OUTPUT_DIR={out}",
-                       f"TRAIN.NET_E={tiny_encoder_ckpt}"], quiet=True)
-    torch.manual_seed(0)
-    netG = Generator(gan_arch(cfg, 64))
-    init_gan_weights(netG)
-    atomic_torch_save(generator_checkpoint(netG), out / "Model" / "netG_epoch_2.pth")
-    save_config(cfg, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def clipgen_run(shapes_dir, tiny_encoder_ckpt, tmp_path_factory) -> Path:
-    """A CLIP-GEN run folder as train_clipgen.py leaves it: config.yml + Model/gpt_epoch_1.pth
-    tied to a tiny tokenizer and the tiny encoder (untrained, seeded)."""
-    root = tmp_path_factory.mktemp("clipgen_run")
-    torch.manual_seed(0)
-    vq = VQModel.from_config(vq_cfg(shapes_dir, root / "vq"))
-    vq_path = root / "vq" / "Model" / "vqgan2.pth"
-    atomic_torch_save(vq.checkpoint_state(), vq_path)
-    encoder = ClipEncoder.from_checkpoint(tiny_encoder_ckpt)
-    out = root / "run"
-    cfg = load_config(ROOT / "cfg" / "clipgen_shapes.yml",
-                      ["GPU_ID=-1", "TREE.BASE_SIZE=16", f"DATA_DIR={shapes_dir}",
-                       f"OUTPUT_DIR={out}", f"CLIPGEN.VQGAN={vq_path}",
-                       f"TRAIN.NET_E={tiny_encoder_ckpt}", "CLIPGEN.CANDIDATES=2"], quiet=True)
-    gpt = CondGPT(GPTArch(vocab=16, tokens=16, cond_dim=64, n_layer=1, n_embd=16, n_head=2))
-    belongs = sources(vq_path, vq.eval(), str(tiny_encoder_ckpt), encoder.eval())
-    atomic_torch_save(gpt_checkpoint(gpt, belongs), out / "Model" / "gpt_epoch_1.pth")
-    save_config(cfg, out)
-    return out
 
 
 def run_cli(*args: str, stdin: str = "") -> tuple[int, str, str]:
