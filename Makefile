@@ -81,8 +81,6 @@ picture: $(STAMP)
 
 # The page that draws a typed caption with both generators (README "Try it in a browser"), on
 # 127.0.0.1:$(PORT). Its packages (gradio) come from requirements-app.txt, apart from training's.
-# gradio caps pillow below the version requirements.txt pins; the pin is put back after it (the
-# page works with it: tests/test_app.py).
 APP_STAMP := $(VENV)/.app-installed
 PORT ?= 7860
 DMGAN_RUN ?= output/shapes_DMGAN
@@ -90,7 +88,6 @@ CLIPGEN_RUN ?= output/shapes_CLIPGEN
 
 $(APP_STAMP): $(STAMP) requirements-app.txt
 	$(PY) -m pip install -q -r requirements-app.txt
-	$(PY) -m pip install -q -r requirements.txt
 	touch $(APP_STAMP)
 
 app-deps: $(APP_STAMP)
