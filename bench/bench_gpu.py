@@ -154,58 +154,66 @@ def main() -> None:
                         help="VQGAN tokenizer batch (COCO: 12; 0: skip the tokenizer)")
     args = parser.parse_args()
     device = select_device(args.gpu)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print_table(f"stage 2, birds config (3 branches to 256 px, GF 64, DF 32), ViT-B/32-sized "
+                f"encoder, batch {args.batch}, {args.steps} steps on {where}", "images/s",
+                gan_rows(device, args.batch, args.steps, args.profile))
+    if args.vq_batch > 0:
+        print_table(f"VQGAN tokenizer, COCO config (256 px, ch 128, 16384 codes, PatchGAN on), "
+                    f"batch {args.vq_batch}, {args.steps} steps on {where}", "images/s",
+                    vq_rows(device, args.vq_batch, args.steps))
+    if args.sampler_batch > 0:
+        print_table(f"CLIP-GEN sampler, COCO grid (GPT-2 medium, 256 tokens, 16384 codes, "
+                    f"top-k 500, top-p 0.95), batch {args.sampler_batch} on {where}",
+                    "tokens/s", sampler_speed(device, args.sampler_batch))
+
+
+def print_table(title: str, unit: str, rows: list[tuple[str, float, float]]) -> None:
+    """A markdown table of (setting, speed, peak GiB) rows, speeds relative to the first."""
+    print(f"\n{title}\n| setting | {unit} | vs {rows[0][0]} | peak memory GiB |\n"
+          "| --- | --- | --- | --- |")
+    for name, speed, peak in rows:
+        print(f"| {name} | {speed:.1f} | {speed / rows[0][1]:.2f}x | {peak:.2f} |", flush=True)
+
+
+def gan_rows(device: torch.device, batch: int, steps: int,
+             profile: int) -> list[tuple[str, float, float]]:
+    """The DM-GAN birds configuration under each of SETTINGS (fp32 only on the CPU)."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data, enc = Path(tmp) / "data", Path(tmp) / "clip.pth"
-        make_shapes_dataset(data, n_train=max(4 * args.batch, 8), n_test=4, size=304)
+        make_shapes_dataset(data, n_train=max(4 * batch, 8), n_test=4, size=304)
         torch.manual_seed(0)
         atomic_torch_save(ClipEncoder(resolve_clip_name("ViT-B/32", ""), adapter=True,
                                       load_weights=False).checkpoint_state(), enc)
-        rows = []
         for name, amp, channels_last in SETTINGS:
             if device.type == "cpu" and (amp or channels_last):
                 continue  # CUDA-only switches
             cfg = load_config(ROOT / "cfg" / "clip_bird_DMGAN.yml", [
                 f"DATA_DIR={data}", f"OUTPUT_DIR={Path(tmp) / 'run'}", f"TRAIN.NET_E={enc}",
-                f"GPU_ID={args.gpu}", "WORKERS=0", f"TRAIN.BATCH_SIZE={args.batch}",
-                f"TRAIN.AMP={amp}", f"TRAIN.CHANNELS_LAST={channels_last}"], quiet=True)
+                f"GPU_ID={device.index if device.type == 'cuda' else -1}", "WORKERS=0",
+                f"TRAIN.BATCH_SIZE={batch}", f"TRAIN.AMP={amp}",
+                f"TRAIN.CHANNELS_LAST={channels_last}"], quiet=True)
             last = name == SETTINGS[-1][0] or device.type == "cpu"
-            rows.append((name, *run(cfg, device, args.steps, profile=args.profile * last)))
-    base = rows[0][1]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"stage 2, birds config (3 branches to 256 px, GF 64, DF 32), ViT-B/32-sized "
-          f"encoder, batch {args.batch}, {args.steps} steps on {where}")
-    print("| setting | images/s | vs fp32 | peak memory GiB |")
-    print("| --- | --- | --- | --- |")
-    for name, speed, peak in rows:
-        print(f"| {name} | {speed:.1f} | {speed / base:.2f}x | {peak:.2f} |")
-    if args.vq_batch > 0:
-        vq_rows = []
-        with tempfile.TemporaryDirectory() as tmp:
-            data = Path(tmp) / "data"
-            make_shapes_dataset(data, n_train=max(4 * args.vq_batch, 8), n_test=4, size=256)
-            for name, channels_last in (("AMP, contiguous", False), ("AMP + channels_last", True)):
-                cfg = load_config(ROOT / "cfg" / "VQGAN" / "coco.yml", [
-                    f"DATA_DIR={data}", f"OUTPUT_DIR={Path(tmp) / 'run'}", "DATASET_NAME=shapes",
-                    f"GPU_ID={args.gpu}", "WORKERS=0", f"TRAIN.BATCH_SIZE={args.vq_batch}",
-                    "TRAIN.AMP=True", f"TRAIN.CHANNELS_LAST={channels_last}",
-                    "VQGAN.PERCEPTUAL_WEIGHT=0.0", "VQGAN.DISC_START=0", "VQGAN.VAL_IMAGES=4"],
-                    quiet=True)
-                vq_rows.append((name, *run(cfg, device, args.steps, VQGANTrainer)))
-        print(f"\nVQGAN tokenizer, COCO config (256 px, ch 128, 16384 codes, PatchGAN on), "
-              f"batch {args.vq_batch}, {args.steps} steps on {where}")
-        print("| setting | images/s | vs contiguous | peak memory GiB |")
-        print("| --- | --- | --- | --- |")
-        for name, speed, peak in vq_rows:
-            print(f"| {name} | {speed:.1f} | {speed / vq_rows[0][1]:.2f}x | {peak:.2f} |")
-    if args.sampler_batch > 0:
-        rows = sampler_speed(device, args.sampler_batch)
-        print(f"\nCLIP-GEN sampler, COCO grid (GPT-2 medium, 256 tokens, 16384 codes, top-k 500, "
-              f"top-p 0.95), batch {args.sampler_batch} on {where}")
-        print("| setting | tokens/s | vs fp32 | peak memory GiB |")
-        print("| --- | --- | --- | --- |")
-        for name, speed, peak in rows:
-            print(f"| {name} | {speed:.0f} | {speed / rows[0][1]:.2f}x | {peak:.2f} |")
+            rows.append((name, *run(cfg, device, steps, profile=profile * last)))
+    return rows
 
+
+def vq_rows(device: torch.device, batch: int, steps: int) -> list[tuple[str, float, float]]:
+    """The COCO tokenizer's training step under AMP, contiguous vs channels-last."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        make_shapes_dataset(data, n_train=max(4 * batch, 8), n_test=4, size=256)
+        for name, channels_last in (("AMP, contiguous", False), ("AMP + channels_last", True)):
+            cfg = load_config(ROOT / "cfg" / "VQGAN" / "coco.yml", [
+                f"DATA_DIR={data}", f"OUTPUT_DIR={Path(tmp) / 'run'}", "DATASET_NAME=shapes",
+                f"GPU_ID={device.index if device.type == 'cuda' else -1}", "WORKERS=0",
+                f"TRAIN.BATCH_SIZE={batch}", "TRAIN.AMP=True",
+                f"TRAIN.CHANNELS_LAST={channels_last}", "VQGAN.PERCEPTUAL_WEIGHT=0.0",
+                "VQGAN.DISC_START=0", "VQGAN.VAL_IMAGES=4"], quiet=True)
+            rows.append((name, *run(cfg, device, steps, VQGANTrainer)))
+    return rows
 
 if __name__ == "__main__":
     main()
