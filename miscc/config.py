@@ -98,6 +98,10 @@ def default_config() -> EasyDict:
                 "EMBEDDING_DIM": 512,
                 "CAPTIONS_PER_IMAGE": 10,
                 "WORDS_NUM": 30,  # BPE word tokens kept per caption (context = WORDS_NUM + 2)
+                # word categories for minimal pairs (docs/DESIGN.md §14): a stem of
+                # cfg/words/ (shapes, cub, coco) or a .yml path; '' = none (no one-edit
+                # negatives, no left/right swap on flips, no minimal-pair accuracy)
+                "WORD_LISTS": "",
             },
             "CLIP": {
                 "MODEL": "ViT-B/32",
