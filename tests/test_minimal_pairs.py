@@ -39,6 +39,8 @@ def test_shapes_lists_are_the_renderers_values(shapes):
     assert shapes.named(caps[0]) == {"size": ["small"], "colour": ["blue"], "shape": ["star"],
                                      "position": ["bottom right"],
                                      "background": ["light blue and white"]}
+    assert shapes.named(CAPTION) == {"colour": ["orange"], "shape": ["star"],
+                                     "position": ["top left"], "background": ["white and gray"]}
 
 
 def test_each_category_replaced(shapes):
