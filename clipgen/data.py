@@ -104,7 +104,8 @@ class TokenizerImages(CroppedImages):
                                        str(cfg.VQGAN.TEST_DIR))
             boxes = [None] * len(keys)
         size = max(image_sizes(cfg))
-        super().__init__(keys, paths, boxes, split, [size], 1, train, bool(cfg.TRAIN.FLIP))
+        super().__init__(keys, paths, boxes, split, [size], 1, train, bool(cfg.TRAIN.FLIP),
+                         random_crop=bool(cfg.TRAIN.RANDOM_CROP))
         if use_cache and self.layout:
             with contextlib.suppress(FileNotFoundError, DataError):
                 self.cache, self.bad = open_image_cache(cfg, split, self.load_size, self.keys)

@@ -70,6 +70,20 @@ def default_config() -> EasyDict:
                 "USE_CACHE": True,  # read the prepare_data.py image cache when it exists
                 "FLIP": True,  # random horizontal flips in training (off when captions name
                 # left/right, as in the shapes set)
+                # AttnGAN's training crop: load at 76/64 of the size, cut a random crop back.
+                # False: the whole frame at the test scale (where captions name size and
+                # position the crop would contradict them: docs/DESIGN.md §14)
+                "RANDOM_CROP": True,
+                # stage-1 minimal pairs (docs/DESIGN.md §14; need TEXT.WORD_LISTS): K one-edit
+                # negative captions per caption, M pictures redrawn with one named attribute
+                # changed (shapes set only); both join the DAMSM sentence loss as negatives of
+                # their own item (HARD_NEGATIVES_IN_DAMSM) and a per-item cross-entropy at
+                # HARD_NEGATIVE_SCALE, weighted by HARD_NEGATIVE_WEIGHT
+                "HARD_NEGATIVES": 0,
+                "NEGATIVE_PICTURES": 0,
+                "HARD_NEGATIVE_WEIGHT": 1.0,
+                "HARD_NEGATIVE_SCALE": 10.0,
+                "HARD_NEGATIVES_IN_DAMSM": True,
                 "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
                 # cache file instead of re-encoding the captions every step
                 # DAMSM losses: captions of the same class id are not negatives of each other

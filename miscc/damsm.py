@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from datasets import CaptionTokenizer, TextImageDataset, image_sizes
 from miscc.config import to_plain
-from miscc.losses import nt_xent, sent_loss, words_loss
+from miscc.losses import minimal_pair_loss, nt_xent, sent_loss, words_loss
+from miscc.minimal_pairs import word_lists_for
 from miscc.training import (
     EpochTrainer,
     damsm_class_ids,
@@ -37,7 +38,7 @@ from miscc.utils import atomic_torch_save, load_state_strict, rng_state
 from model import ClipEncoder
 
 STATE_FORMAT = "damsm-train-state/1"
-TRAIN_STATS = ("loss", "words", "sent", "contrastive")
+TRAIN_STATS = ("loss", "words", "sent", "contrastive", "pairs")
 
 
 def build_encoder(cfg) -> ClipEncoder:
@@ -72,6 +73,27 @@ def retrieval_accuracy(text: torch.Tensor, owner: torch.Tensor, images: torch.Te
     return {f"R{k}": float((rank < k).float().mean()) for k in ks}
 
 
+def _pair_major(batch: dict, key: str, mask_key: str, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A batch's per-view minimal pairs [B, 2, K, ...] (+ mask [B, 2, K]) in the order of the
+    forward pass, [2B, K, ...] (all of view a, then all of view b), or None when absent."""
+    if key not in batch:
+        return None
+    x, mask = batch[key].to(device, non_blocking=True), batch[mask_key].to(device)
+    return torch.cat([x[:, 0], x[:, 1]]), torch.cat([mask[:, 0], mask[:, 1]])
+
+
+def _unpack(packed: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor] | None
+            ) -> torch.Tensor | None:
+    """Encoded real negatives [n, D] back to their slots [2B, K, D] (zeros where masked)."""
+    if pairs is None:
+        return None
+    mask = pairs[1]
+    out = packed.new_zeros(*mask.shape, packed.shape[-1])
+    out[mask] = packed[: int(mask.sum())]
+    return out
+
+
 class DAMSMTrainer(EpochTrainer):
     """Stage-1 loop: one-cycle AdamW over the CLIP backbone (TRAIN.ENCODER_LR) and the new
     parameters (TRAIN.ADAPTER_LR), validation + attention maps each epoch, exact resume."""
@@ -87,8 +109,11 @@ class DAMSMTrainer(EpochTrainer):
         self.tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
         sizes = [max(image_sizes(cfg))]
         cache = bool(cfg.TRAIN.USE_CACHE)
+        self.word_lists = word_lists_for(cfg)
         self.dataset = TextImageDataset(cfg, "train", self.tokenizer, sizes, views=2,
-                                        train=True, use_cache=cache)
+                                        train=True, use_cache=cache, word_lists=self.word_lists,
+                                        negatives=int(cfg.TRAIN.HARD_NEGATIVES),
+                                        negative_pictures=int(cfg.TRAIN.NEGATIVE_PICTURES))
         self.sampler, self.loader = seeded_train_loader(self.dataset, self.batch, cfg, device,
                                                         rank, world)
         self.test = TextImageDataset(cfg, "test", self.tokenizer, sizes, views=1, train=False,
@@ -179,27 +204,54 @@ class DAMSMTrainer(EpochTrainer):
 
     # --------------------------------------------------------------------------- one step
     def losses(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss, [words, sent, contrastive] detached) of one two-view batch."""
+        """(total loss, [loss, words, sent, contrastive, pairs] detached) of one two-view batch.
+        Minimal pairs (docs/DESIGN.md §14), when the batch has them, go through the same
+        forward: the real negative captions after the captions, the real redrawn pictures
+        after the views."""
         cfg, dev, sm = self.cfg, self.device, self.cfg.TRAIN.SMOOTH
         model = self.model if model is None else model
         tokens = batch["tokens"].to(dev, non_blocking=True)  # [B, 2, L]
         views = batch["imgs"][-1].to(dev, non_blocking=True)  # [B, 2, 3, S, S]
         b = tokens.shape[0]
         class_ids = damsm_class_ids(cfg, batch, dev)
-        with self._autocast():  # one forward over both pairs: [a-captions; b-captions]
-            words, sent, mask, regions, code = model(
-                torch.cat([tokens[:, 0], tokens[:, 1]]), torch.cat([views[:, 0], views[:, 1]]))
+        text = torch.cat([tokens[:, 0], tokens[:, 1]])
+        images = torch.cat([views[:, 0], views[:, 1]])
+        neg_text = _pair_major(batch, "neg_tokens", "neg_mask", dev)  # ([2B, K, L], [2B, K])
+        neg_pics = _pair_major(batch, "neg_imgs", "neg_img_mask", dev)
+        if neg_text is not None:
+            text = torch.cat([text, neg_text[0][neg_text[1]]])
+        if neg_pics is not None:
+            images = torch.cat([images, neg_pics[0][neg_pics[1]]])
+        with self._autocast():  # one forward over both pairs: [a-captions; b-captions; ...]
+            words, sent, mask, regions, code = model(text, images)
+        neg_sent = _unpack(sent[2 * b:], neg_text)  # [2B, K, D] or None
+        neg_code = _unpack(code[2 * b:], neg_pics)
+        words, sent, mask, regions, code = (x[: 2 * b] for x in (words, sent, mask, regions,
+                                                                   code))
+        in_damsm = bool(cfg.TRAIN.HARD_NEGATIVES_IN_DAMSM)
         w_total = s_total = 0.0
         for part in (slice(0, b), slice(b, 2 * b)):
             w0, w1, _ = words_loss(words[part], mask[part], regions[part], class_ids,
                                    sm.GAMMA1, sm.GAMMA2, sm.GAMMA3,
                                    attngan_score=sm.ATTNGAN_SCORE,
                                    similarity=sm.SIMILARITY)
-            s0, s1 = sent_loss(code[part], sent[part], class_ids, sm.GAMMA3)
+            extra = {}
+            if in_damsm and neg_sent is not None:
+                extra.update(neg_sent=neg_sent[part], neg_sent_mask=neg_text[1][part])
+            if in_damsm and neg_code is not None:
+                extra.update(neg_code=neg_code[part], neg_code_mask=neg_pics[1][part])
+            s0, s1 = sent_loss(code[part], sent[part], class_ids, sm.GAMMA3, **extra)
             w_total, s_total = w_total + w0 + w1, s_total + s0 + s1
         contrastive = nt_xent(sent[:b], sent[b:], float(cfg.TRAIN.TEMPERATURE))
-        loss = w_total + s_total + float(cfg.TRAIN.CONTRASTIVE_WEIGHT) * contrastive
-        return loss, torch.stack([loss, w_total, s_total, contrastive]).detach()
+        pairs = torch.zeros((), device=dev)
+        scale = float(cfg.TRAIN.HARD_NEGATIVE_SCALE)
+        if neg_sent is not None:  # each image: its caption against the caption's edits
+            pairs = pairs + minimal_pair_loss(code, sent, neg_sent, neg_text[1], scale)
+        if neg_code is not None:  # each caption: its picture against the redrawn ones
+            pairs = pairs + minimal_pair_loss(sent, code, neg_code, neg_pics[1], scale)
+        loss = (w_total + s_total + float(cfg.TRAIN.CONTRASTIVE_WEIGHT) * contrastive
+                + float(cfg.TRAIN.HARD_NEGATIVE_WEIGHT) * pairs)
+        return loss, torch.stack([loss, w_total, s_total, contrastive, pairs]).detach()
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """Forward, finite check (all ranks together), backward, clip, step, schedule."""
