@@ -193,6 +193,10 @@ def default_config() -> EasyDict:
                 # or a cfg/clip/ JSON stem (random weights, seeded: tests)
                 "INDEPENDENT_ENCODER": "",
                 "INDEPENDENT_PRETRAINED": "openai",
+                # minimal-pair accuracy (TEXT.WORD_LISTS set): test images it asks (0 = all) and
+                # one-edit variants per (image, category) at most (0 = all; a seeded sample)
+                "MINIMAL_PAIR_IMAGES": 1000,
+                "MINIMAL_PAIR_VARIANTS": 8,
                 # shapes judge weights: '' = assets/shapes_judge.pt for shapes sets, 'none' = off
                 "JUDGE": "",
             },

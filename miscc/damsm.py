@@ -13,6 +13,7 @@ the optimizer, the one-cycle schedule and the grad scaler are in the resume stat
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from datasets import CaptionTokenizer, TextImageDataset, image_sizes
 from miscc.config import to_plain
 from miscc.losses import minimal_pair_loss, nt_xent, sent_loss, words_loss
 from miscc.minimal_pairs import word_lists_for
+from miscc.pair_metric import build_pair_set, format_pair_accuracy, score_pair_set
 from miscc.training import (
     EpochTrainer,
     damsm_class_ids,
@@ -34,7 +36,7 @@ from miscc.training import (
     resolve_checkpoint,
     seeded_train_loader,
 )
-from miscc.utils import atomic_torch_save, load_state_strict, rng_state
+from miscc.utils import atomic_torch_save, atomic_write_bytes, load_state_strict, rng_state
 from model import ClipEncoder
 
 STATE_FORMAT = "damsm-train-state/1"
@@ -121,6 +123,11 @@ class DAMSMTrainer(EpochTrainer):
         self.test_loader = DataLoader(self.test, self.batch, shuffle=False,
                                       **loader_options(cfg, device))
         self.total_steps = self.steps_per_epoch * max(1, int(cfg.TRAIN.MAX_EPOCH))
+        # minimal-pair accuracy of the test pictures (docs/DESIGN.md §14): queries built once
+        self.pairs = None if self.word_lists is None else build_pair_set(
+            self.test.info.captions, self.word_lists, int(cfg.EVAL.MINIMAL_PAIR_VARIANTS),
+            int(cfg.EVAL.MINIMAL_PAIR_IMAGES), seed=int(cfg.SEED))
+        self._pair_tokens: dict[str, torch.Tensor] = {}
 
         # model, optimizer, schedule
         torch.manual_seed(int(cfg.SEED))
@@ -276,7 +283,7 @@ class DAMSMTrainer(EpochTrainer):
         communication); only rank 0 writes the attention picture."""
         sm, dev = self.cfg.TRAIN.SMOOTH, self.device
         enc = self.encoder.eval()
-        codes, sents, owners = [], [], []
+        codes, sents, owners, indices = [], [], [], []
         totals, weight, row = torch.zeros(2, dtype=torch.float64), 0, 0
         full_batches = len(self.test) >= self.batch
         try:
@@ -293,6 +300,7 @@ class DAMSMTrainer(EpochTrainer):
                         words, sent, mask = enc.encode_text(tokens.view(b * c, length).to(dev))
                     words, sent, mask = (x.view(b, c, *x.shape[1:]) for x in (words, sent, mask))
                     codes.append(code.float())
+                    indices.append(index)
                     sents.append(sent[real.to(dev)].float())
                     owners.append((row + torch.arange(b))[:, None].expand(b, c)[real])
                     row += b
@@ -313,12 +321,33 @@ class DAMSMTrainer(EpochTrainer):
                         # attn rows follow token positions: row 0 is the start token
                         save_attention_maps(images.float(), picked, attn[:, 1:], attention_path)
                         attention_path = None
+                pairs = self._pair_accuracy(enc, torch.cat(codes), torch.cat(indices))
         finally:
             enc.train()
         result = retrieval_accuracy(torch.cat(sents), torch.cat(owners), torch.cat(codes))
         words_val, sent_val = (totals / max(weight, 1)).tolist()
         return {"words": words_val, "sent": sent_val, "loss": words_val + sent_val, **result,
-                "images": row, "captions": int(sum(len(o) for o in owners))}
+                "images": row, "captions": int(sum(len(o) for o in owners)),
+                "minimal_pairs": pairs}
+
+    def _pair_accuracy(self, enc: ClipEncoder, codes: torch.Tensor, indices: torch.Tensor
+                       ) -> dict[str, dict[str, float]]:
+        """Minimal-pair accuracy of the test pictures' codes (rows in `indices` order); {}
+        without word lists."""
+        if self.pairs is None:
+            return {}
+        by_index = codes.new_zeros(len(self.test), codes.shape[-1])
+        by_index[indices.to(codes.device)] = codes
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            for t in texts:
+                if t not in self._pair_tokens:
+                    self._pair_tokens[t] = self.tokenizer.encode(t)
+            tokens = torch.stack([self._pair_tokens[t] for t in texts]).to(self.device)
+            with self._autocast():
+                return enc.encode_text(tokens)[1].float()
+
+        return score_pair_set(by_index, self.pairs, encode, batch=int(self.batch) * 8)
 
     def _validate_and_log(self) -> dict[str, float]:
         path = self.image_dir / f"attention_{self._tag()}.png"
@@ -326,12 +355,21 @@ class DAMSMTrainer(EpochTrainer):
         if self.writer is not None:
             for key in ("loss", "words", "sent", "R1", "R5"):
                 self.writer.add_scalar(f"val/{key}", val[key], self.step)
+            for category, v in val["minimal_pairs"].items():
+                self.writer.add_scalar(f"val_pairs/{category}", v["accuracy"], self.step)
             self.writer.flush()
         if self.main:
             tqdm.write(f"epoch {self.epoch} step {self.step}: val loss {val['loss']:.3f} "
                        f"(words {val['words']:.3f}, sent {val['sent']:.3f}), text→image "
                        f"R@1 {val['R1']:.3f} R@5 {val['R5']:.3f} over {val['images']} images "
                        f"(chance R@1 {1 / max(val['images'], 1):.4f})")
+            if val["minimal_pairs"]:
+                tqdm.write("  minimal pairs (true caption above its one-edit variants): "
+                           + format_pair_accuracy(val["minimal_pairs"]))
+            metrics = {"epoch": self.epoch, "step": self.step,
+                       "word_lists": str(self.cfg.TEXT.WORD_LISTS), **val}
+            atomic_write_bytes(self.out / "metrics.json",
+                               (json.dumps(metrics, indent=1) + "\n").encode())
         return val
 
     # ---------------------------------------------------------------------------- the loop

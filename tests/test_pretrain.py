@@ -221,6 +221,42 @@ def test_attention_maps_and_tensorboard(trained) -> None:
     assert (out / "config.yml").is_file()
 
 
+def test_minimal_pair_accuracy_in_validation(tiny_cfg, tmp_path) -> None:
+    """With word lists, each validation scores the test pictures' minimal pairs with the
+    encoder (the same numbers as score_pair_set on its codes), prints them, and writes them to
+    TensorBoard and <OUTPUT_DIR>/metrics.json with chance beside them."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from miscc.pair_metric import score_pair_set
+
+    cfg = tiny_cfg(tmp_path, *MINIMAL, "TRAIN.MAX_STEPS=2")
+    trainer, summary = train(cfg)
+    pairs = summary["val"]["minimal_pairs"]
+    # 12 test pictures; shapes captions name all five attributes (one query each), and with
+    # the variant cap of 8 each is asked against every other value of its category
+    chance = {"shape": 1 / 6, "colour": 1 / 6, "size": 1 / 3, "position": 1 / 5,
+              "background": 1 / 5}
+    for category, c in chance.items():
+        assert pairs[category]["chance"] == pytest.approx(c)
+        assert pairs[category]["count"] == 12
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["minimal_pairs"] == pairs
+    assert metrics["R1"] == summary["val"]["R1"]
+    enc = trainer.encoder.eval()
+    with torch.no_grad():
+        images = torch.stack([trainer.test[i]["imgs"][-1][0] for i in range(len(trainer.test))])
+        codes = enc.encode_image(images)[1]
+        again = score_pair_set(codes, trainer.pairs, lambda t: enc.encode_text(
+            trainer.tokenizer(t))[1])
+    assert {k: v["accuracy"] for k, v in again.items()} == pytest.approx(
+        {k: v["accuracy"] for k, v in pairs.items()})
+    logs = EventAccumulator(str(tmp_path / "logs"))
+    logs.Reload()
+    assert {f"val_pairs/{c}" for c in [*chance, "mean"]} <= set(logs.Tags()["scalars"])
+
+
 def test_retrieval_accuracy_matches_a_loop() -> None:
     g = torch.Generator().manual_seed(0)
     images, text = torch.randn(7, 5, generator=g), torch.randn(20, 5, generator=g)
