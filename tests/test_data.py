@@ -369,11 +369,19 @@ def test_negative_pictures_change_one_named_attribute(shapes_cfg, tokenizer):
     ds = minimal_pair_set(shapes_cfg, tokenizer, negatives=3, pictures=2)
     torch.manual_seed(1)
     item = ds[2]
+    assert item["flipped"].tolist() == [True, False]  # one mirrored view, one not
     assert item["neg_imgs"].shape == (2, 2, 3, 32, 32) and item["neg_img_mask"].all()
     assert item["neg_tokens"].shape == (2, 3, tokenizer.context) and item["neg_mask"].any()
+    truth = {c: v[0] for c, v in ds.word_lists.named(ds.info.captions[2][0]).items()}
     for v in range(2):
+        # every single-attribute redraw of what the view's caption names, mirrored like the view
+        caption = ds.info.captions[2][int(item["cap_idx"][v])]
+        allowed = [ds._apply_view(torch.from_numpy(ds._redraw(e)).permute(2, 0, 1), 0, 0,
+                                  bool(item["flipped"][v]))[0]
+                   for e in _picture_edits(truth, ds.word_lists.named(caption), 99, 0)]
         for j in range(2):
             assert (item["neg_imgs"][v, j] - item["imgs"][0][v]).abs().max() > 0.1
+            assert any(torch.equal(item["neg_imgs"][v, j], a) for a in allowed)
         for j in range(3):
             if item["neg_mask"][v, j]:
                 assert not torch.equal(item["neg_tokens"][v, j], item["tokens"][v])
