@@ -437,7 +437,8 @@ class TextImageDataset(CroppedImages):
 
     def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
                  views: int = 1, train: bool = True, use_cache: bool = True,
-                 word_lists=None, negatives: int = 0, negative_pictures: int = 0) -> None:
+                 word_lists=None, negatives: int = 0, negative_pictures: int = 0,
+                 redraw_pairs: bool = False) -> None:
         self.info = read_split(cfg, split)
         super().__init__(self.info.keys, self.info.image_paths, self.info.boxes, split, sizes,
                          views, train, bool(cfg.TRAIN.FLIP),
@@ -454,20 +455,23 @@ class TextImageDataset(CroppedImages):
                 self.cache, self.bad = open_image_cache(cfg, split, self.load_size, self.keys)
         self.tokenizer, self.word_lists = tokenizer, word_lists
         self.negatives, self.negative_pictures = int(negatives), int(negative_pictures)
+        self.redraw_pairs = bool(redraw_pairs)
         self._token_memo: dict[str, torch.Tensor] = {}
         self._drawn: dict[tuple, np.ndarray] = {}
         if (self.negatives or self.negative_pictures or word_lists is not None) and views != 2:
             raise ValueError("minimal pairs pair caption k with view k: they need views=2")
-        if (self.negatives or self.negative_pictures) and word_lists is None:
-            raise DataError("TRAIN.HARD_NEGATIVES / TRAIN.NEGATIVE_PICTURES need word lists: "
-                            "set TEXT.WORD_LISTS (a stem of cfg/words/, e.g. shapes)")
-        if self.negative_pictures:
+        if (self.negatives or self.negative_pictures or self.redraw_pairs) \
+                and word_lists is None:
+            raise DataError("TRAIN.HARD_NEGATIVES / NEGATIVE_PICTURES / REDRAW_PAIRS need word "
+                            "lists: set TEXT.WORD_LISTS (a stem of cfg/words/, e.g. shapes)")
+        if self.negative_pictures or self.redraw_pairs:
             missing = {"shape", "colour", "size", "position", "background"} - set(
                 word_lists.categories)
             if str(cfg.DATASET_NAME) != "shapes" or missing:
-                raise DataError("TRAIN.NEGATIVE_PICTURES redraws pictures with the shapes "
-                                "renderer: it needs DATASET_NAME shapes and TEXT.WORD_LISTS "
-                                "shapes (categories shape, colour, size, position, background)")
+                raise DataError("TRAIN.NEGATIVE_PICTURES / REDRAW_PAIRS redraw pictures with "
+                                "the shapes renderer: they need DATASET_NAME shapes and "
+                                "TEXT.WORD_LISTS shapes (categories shape, colour, size, "
+                                "position, background)")
 
     def _caption_pair(self, index: int) -> torch.Tensor:
         n = int(self.num_captions[index])
@@ -509,11 +513,13 @@ class TextImageDataset(CroppedImages):
         from miscc.minimal_pairs import one_edit_negatives
 
         lists, k, m = self.word_lists, self.negatives, self.negative_pictures
-        captions = [self.info.captions[index][int(c)] for c in cap_idx]
+        originals = [self.info.captions[index][int(c)] for c in cap_idx]
         flipped = [p[2] for p in params]
-        captions = [lists.flip(c) if f else c for c, f in zip(captions, flipped, strict=True)]
+        captions = [lists.flip(c) if f else c for c, f in zip(originals, flipped, strict=True)]
         out: dict = {"flipped": torch.tensor(flipped),
                      "tokens": torch.stack([self._tokens_of(c) for c in captions])}
+        if self.redraw_pairs:
+            out.update(self._redraw_pair(index, originals, params))
         if k:
             neg_tokens = torch.zeros(2, k, self.tokenizer.context, dtype=torch.long)
             neg_mask = torch.zeros(2, k, dtype=torch.bool)
@@ -536,6 +542,29 @@ class TextImageDataset(CroppedImages):
                     neg_img_mask[v, j] = True
             out.update(neg_imgs=neg_imgs, neg_img_mask=neg_img_mask)
         return out
+
+    def _redraw_pair(self, index: int, originals: list[str], params: list[tuple]) -> dict:
+        """The item's partner (TRAIN.REDRAW_PAIRS): the picture redrawn with one attribute
+        that both captions name changed, in the same two views, with both captions edited to
+        match: redraw_imgs [2, 3, S, S], redraw_tokens [2, L], redraw_class (its class id)."""
+        from miscc.minimal_pairs import with_value
+
+        lists = self.word_lists
+        truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
+        common = set(lists.named(originals[0])) & set(lists.named(originals[1]))
+        edits = _picture_edits(truth, {c: [] for c in common}, 1,
+                               int(torch.randint(0, 2**31 - 1, ())))
+        attrs = edits[0] if edits else truth
+        changed = [a for a in truth if attrs[a] != truth[a]]
+        captions = [with_value(c, lists, changed[0], attrs[changed[0]]) if changed else c
+                    for c in originals]
+        captions = [lists.flip(c) if p[2] else c for c, p in zip(captions, params, strict=True)]
+        chw = torch.from_numpy(self._redraw(attrs)).permute(2, 0, 1)
+        cls = SHAPES.index(attrs["shape"]) * len(COLOURS) + list(COLOURS).index(
+            attrs["colour"]) + 1
+        return {"redraw_imgs": torch.stack([self._apply_view(chw, *p)[-1] for p in params]),
+                "redraw_tokens": torch.stack([self._tokens_of(c) for c in captions]),
+                "redraw_class": torch.tensor(cls)}
 
     def _redraw(self, attrs: dict[str, str]) -> np.ndarray:
         """A shapes picture with these attributes as the data set stores it (drawn at the

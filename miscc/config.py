@@ -84,6 +84,10 @@ def default_config() -> EasyDict:
                 "HARD_NEGATIVE_WEIGHT": 1.0,
                 "HARD_NEGATIVE_SCALE": 10.0,
                 "HARD_NEGATIVES_IN_DAMSM": True,
+                # shapes set: every training item brings a partner, its picture redrawn with
+                # one attribute both its captions name changed and the captions edited to
+                # match, as an item of its own (the batch holds B minimal pairs, 2B items)
+                "REDRAW_PAIRS": False,
                 "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
                 # cache file instead of re-encoding the captions every step
                 # DAMSM losses: captions of the same class id are not negatives of each other

@@ -85,6 +85,21 @@ def _pair_major(batch: dict, key: str, mask_key: str, device: torch.device
     return torch.cat([x[:, 0], x[:, 1]]), torch.cat([mask[:, 0], mask[:, 1]])
 
 
+def _with_redraws(batch: dict) -> dict:
+    """A batch with its redrawn partners (TRAIN.REDRAW_PAIRS) appended as items of their own:
+    2B items, B minimal pairs; the partners have no negatives of their own (masks False)."""
+    if "redraw_tokens" not in batch:
+        return batch
+    out = dict(batch, tokens=torch.cat([batch["tokens"], batch["redraw_tokens"]]),
+               imgs=[torch.cat([batch["imgs"][-1], batch["redraw_imgs"]])],
+               class_id=torch.cat([batch["class_id"], batch["redraw_class"]]))
+    for key, mask in (("neg_tokens", "neg_mask"), ("neg_imgs", "neg_img_mask")):
+        if key in batch:
+            out[key] = torch.cat([batch[key], torch.zeros_like(batch[key])])
+            out[mask] = torch.cat([batch[mask], torch.zeros_like(batch[mask])])
+    return out
+
+
 def _unpack(packed: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor] | None
             ) -> torch.Tensor | None:
     """Encoded real negatives [n, D] back to their slots [2B, K, D] (zeros where masked)."""
@@ -115,7 +130,8 @@ class DAMSMTrainer(EpochTrainer):
         self.dataset = TextImageDataset(cfg, "train", self.tokenizer, sizes, views=2,
                                         train=True, use_cache=cache, word_lists=self.word_lists,
                                         negatives=int(cfg.TRAIN.HARD_NEGATIVES),
-                                        negative_pictures=int(cfg.TRAIN.NEGATIVE_PICTURES))
+                                        negative_pictures=int(cfg.TRAIN.NEGATIVE_PICTURES),
+                                        redraw_pairs=bool(cfg.TRAIN.REDRAW_PAIRS))
         self.sampler, self.loader = seeded_train_loader(self.dataset, self.batch, cfg, device,
                                                         rank, world)
         self.test = TextImageDataset(cfg, "test", self.tokenizer, sizes, views=1, train=False,
@@ -217,6 +233,7 @@ class DAMSMTrainer(EpochTrainer):
         after the views."""
         cfg, dev, sm = self.cfg, self.device, self.cfg.TRAIN.SMOOTH
         model = self.model if model is None else model
+        batch = _with_redraws(batch)
         tokens = batch["tokens"].to(dev, non_blocking=True)  # [B, 2, L]
         views = batch["imgs"][-1].to(dev, non_blocking=True)  # [B, 2, 3, S, S]
         b = tokens.shape[0]
@@ -276,11 +293,13 @@ class DAMSMTrainer(EpochTrainer):
 
     # ------------------------------------------------------------------------- validation
     @torch.no_grad()
-    def validate(self, attention_path: Path | None = None) -> dict[str, float]:
+    def validate(self, attention_path: Path | None = None, pairs: bool = True
+                 ) -> dict[str, float]:
         """Test split: DAMSM word/sentence losses of (caption 0, centre crop) in batches of
-        TRAIN.BATCH_SIZE, and text→image R@1/R@5 of every test caption against every test
-        image (sentence vs. image code cosine). Every rank computes the same numbers (no
-        communication); only rank 0 writes the attention picture."""
+        TRAIN.BATCH_SIZE, text→image R@1/R@5 of every test caption against every test
+        image (sentence vs. image code cosine) and, with `pairs` and word lists, the
+        minimal-pair accuracy. Every rank computes the same numbers (no communication); only
+        rank 0 writes the attention picture."""
         sm, dev = self.cfg.TRAIN.SMOOTH, self.device
         enc = self.encoder.eval()
         codes, sents, owners, indices = [], [], [], []
@@ -321,7 +340,8 @@ class DAMSMTrainer(EpochTrainer):
                         # attn rows follow token positions: row 0 is the start token
                         save_attention_maps(images.float(), picked, attn[:, 1:], attention_path)
                         attention_path = None
-                pairs = self._pair_accuracy(enc, torch.cat(codes), torch.cat(indices))
+                pairs = self._pair_accuracy(enc, torch.cat(codes), torch.cat(indices)) \
+                    if pairs else {}
         finally:
             enc.train()
         result = retrieval_accuracy(torch.cat(sents), torch.cat(owners), torch.cat(codes))
@@ -349,9 +369,12 @@ class DAMSMTrainer(EpochTrainer):
 
         return score_pair_set(by_index, self.pairs, encode, batch=int(self.batch) * 8)
 
-    def _validate_and_log(self) -> dict[str, float]:
+    def _validate_and_log(self, pairs: bool = True) -> dict[str, float]:
+        """Validate, log, print, write metrics.json; the minimal-pair accuracy (5 texts per
+        test image on the shapes set: it would double the validation time) only with
+        `pairs`, i.e. at snapshots and at the end."""
         path = self.image_dir / f"attention_{self._tag()}.png"
-        val = self.validate(attention_path=path if self.main else None)
+        val = self.validate(attention_path=path if self.main else None, pairs=pairs)
         if self.writer is not None:
             for key in ("loss", "words", "sent", "R1", "R5"):
                 self.writer.add_scalar(f"val/{key}", val[key], self.step)
@@ -388,7 +411,7 @@ class DAMSMTrainer(EpochTrainer):
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
 
     def _after_epoch(self, stats: dict[str, float], snapshot: bool) -> None:
-        self.val = self._validate_and_log()
+        self.val = self._validate_and_log(pairs=snapshot)
         if snapshot:
             self.save()
 

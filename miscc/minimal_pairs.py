@@ -8,6 +8,7 @@ family under `cfg/words/` (`TEXT.WORD_LISTS`: a stem there, or a path). From the
     negatives_with_mask(captions, lists, k, seed) # padded to k per caption + a [N, k] bool mask
     category_variants(caption, lists, category)   # every one-edit variant within one category
     flip_caption(caption, lists)                  # left <-> right, for a mirrored picture
+    with_value(caption, lists, category, value)   # the caption of a picture redrawn with value
     lists.named(caption)                          # {category: [canonical value, ...]}
 
 An edit either replaces one listed word/phrase by another value of its category, or swaps two
@@ -235,6 +236,13 @@ def category_variants(caption: str, lists: WordLists, category: str) -> list[str
     """Every one-edit variant of `caption` within `category` (each of its words replaced by
     every other value, and swaps of two of its words), deduplicated, never the caption."""
     return [t for texts in _edits(caption, lists, category).values() for t in texts]
+
+
+def with_value(caption: str, lists: WordLists, category: str, value: str) -> str:
+    """`caption` with every word of `category` replaced by `value` (a value's first spelling;
+    articles agree); unchanged when it names no word of the category."""
+    spans = [s for s in lists.find(caption) if s.category == category]
+    return _replace(caption, [(s, value) for s in spans])
 
 
 def flip_caption(caption: str, lists: WordLists) -> str:

@@ -289,14 +289,15 @@ def test_flip_switch(shapes_cfg, tokenizer):
 
 
 # ------------------------------------------------------------------------- minimal pairs
-def minimal_pair_set(shapes_cfg, tokenizer, *overrides, negatives=0, pictures=0):
+def minimal_pair_set(shapes_cfg, tokenizer, *overrides, negatives=0, pictures=0,
+                     redraw=False):
     from miscc.minimal_pairs import load_word_lists
 
     cfg = shapes_cfg("TRAIN.FLIP=True", "TRAIN.RANDOM_CROP=False", "TEXT.WORD_LISTS=shapes",
                      *overrides)
     return TextImageDataset(cfg, "train", tokenizer, [32], views=2, use_cache=False,
                             word_lists=load_word_lists("shapes"), negatives=negatives,
-                            negative_pictures=pictures)
+                            negative_pictures=pictures, redraw_pairs=redraw)
 
 
 def test_no_random_crop_trains_on_the_whole_frame(shapes_cfg, tokenizer):
@@ -394,3 +395,36 @@ def test_negative_pictures_change_one_named_attribute(shapes_cfg, tokenizer):
 def test_minimal_pairs_need_word_lists(shapes_cfg, tokenizer):
     with pytest.raises(DataError, match="TEXT.WORD_LISTS"):
         TextImageDataset(shapes_cfg(), "train", tokenizer, [32], views=2, negatives=2)
+
+
+def test_redraw_pairs_edit_picture_and_both_captions_alike(shapes_cfg, tokenizer):
+    """TRAIN.REDRAW_PAIRS: the partner is the picture with one attribute that both captions
+    name changed, in the same views, and its captions are the item's with that value written
+    in (then flipped like their views)."""
+    from miscc.minimal_pairs import with_value
+
+    ds = minimal_pair_set(shapes_cfg, tokenizer, redraw=True)
+    lists, changed_kinds = ds.word_lists, set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        item = ds[seed]
+        truth = {c: v[0] for c, v in lists.named(ds.info.captions[seed][0]).items()}
+        originals = [ds.info.captions[seed][int(c)] for c in item["cap_idx"]]
+        common = set(lists.named(originals[0])) & set(lists.named(originals[1]))
+        matches = []
+        for category in common:
+            for value in lists.categories[category]:
+                attrs = {**truth, category: value[0]}
+                if attrs == truth:
+                    continue
+                caps = [with_value(c, lists, category, value[0]) for c in originals]
+                caps = [lists.flip(c) if f else c for c, f in zip(caps, item["flipped"],
+                                                                   strict=True)]
+                views = [ds._apply_view(torch.from_numpy(ds._redraw(attrs)).permute(2, 0, 1),
+                                        0, 0, bool(f))[0] for f in item["flipped"]]
+                if all(torch.equal(item["redraw_imgs"][v], views[v]) and torch.equal(
+                        item["redraw_tokens"][v], tokenizer.encode(caps[v])) for v in (0, 1)):
+                    matches.append(category)
+        assert len(matches) == 1, (seed, matches)
+        changed_kinds.add(matches[0])
+    assert len(changed_kinds) > 1

@@ -155,6 +155,29 @@ def test_minimal_pairs_reach_the_losses(tiny_cfg, tmp_path) -> None:
     assert masked_parts[4] == 0 and torch.equal(masked, want)
 
 
+def test_redraw_pairs_join_the_batch(tiny_cfg, tmp_path) -> None:
+    """TRAIN.REDRAW_PAIRS: each item's redrawn partner is an item of its own in every loss
+    (2B captions of each view, 2B views of each kind); partners have no negatives."""
+    cfg = tiny_cfg(tmp_path, "TEXT.WORD_LISTS=shapes", "TRAIN.RANDOM_CROP=False",
+                   "TRAIN.REDRAW_PAIRS=True", "TRAIN.HARD_NEGATIVES=2")
+    trainer = DAMSMTrainer(cfg, CPU, progress=False)
+    trainer.sampler.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    b = batch["tokens"].shape[0]
+    merged = damsm._with_redraws(batch)
+    assert torch.equal(merged["tokens"], torch.cat([batch["tokens"], batch["redraw_tokens"]]))
+    assert torch.equal(merged["imgs"][-1], torch.cat([batch["imgs"][-1],
+                                                      batch["redraw_imgs"]]))
+    assert not merged["neg_mask"][b:].any() and torch.equal(merged["neg_mask"][:b],
+                                                            batch["neg_mask"])
+    calls = []
+    forward = trainer.encoder.forward
+    trainer.encoder.forward = lambda t, i: calls.append((len(t), len(i))) or forward(t, i)
+    with torch.no_grad():
+        trainer.losses(batch, trainer.encoder)
+    assert calls == [(4 * b + int(batch["neg_mask"].sum()), 4 * b)]
+
+
 def test_optimizer_is_fused_and_steps_like_plain_adamw(tiny_cfg, tmp_path) -> None:
     """The trainer's AdamW runs the fused kernel and moves every parameter as torch's
     reference (single-tensor) AdamW does with the same groups, learning rates and gradients."""
