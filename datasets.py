@@ -495,7 +495,11 @@ class TextImageDataset(CroppedImages):
             params = None
         else:
             index, imgs, params = self.views_with_params(index)
-        cap_idx = self._caption_pair(index)
+        changed = None
+        if self.redraw_pairs:  # the partner's attribute first, then captions that name it
+            changed, cap_idx = self._redraw_choice(index)
+        else:
+            cap_idx = self._caption_pair(index)
         item = {
             "imgs": imgs,
             "tokens": self.tokens[index, cap_idx],
@@ -505,10 +509,23 @@ class TextImageDataset(CroppedImages):
             "index": index,
         }
         if params is not None:
-            item.update(self._minimal_pairs(index, cap_idx, params))
+            item.update(self._minimal_pairs(index, cap_idx, params, changed))
         return item
 
-    def _minimal_pairs(self, index: int, cap_idx: torch.Tensor, params: list[tuple]) -> dict:
+    def _redraw_choice(self, index: int) -> tuple[str, torch.Tensor]:
+        """(attribute the partner changes, the two captions): the attribute uniform over
+        those the image's captions name, then two different captions naming it (the same one
+        twice when only one does), so both captions of both items tell the pair apart."""
+        named = [set(self.word_lists.named(c)) for c in self.info.captions[index]]
+        attributes = sorted(set().union(*named) & set(SHAPE_ATTRIBUTES))
+        attribute = attributes[int(torch.randint(0, len(attributes), ()))]
+        naming = [i for i, n in enumerate(named) if attribute in n]
+        first = int(torch.randint(0, len(naming), ()))
+        second = (first + 1 + int(torch.randint(0, max(len(naming) - 1, 1), ()))) % len(naming)
+        return attribute, torch.tensor([naming[first], naming[second]])
+
+    def _minimal_pairs(self, index: int, cap_idx: torch.Tensor, params: list[tuple],
+                       changed: str | None = None) -> dict:
         """Flipped captions, negative captions and redrawn pictures of one item (above)."""
         from miscc.minimal_pairs import one_edit_negatives
 
@@ -518,8 +535,8 @@ class TextImageDataset(CroppedImages):
         captions = [lists.flip(c) if f else c for c, f in zip(originals, flipped, strict=True)]
         out: dict = {"flipped": torch.tensor(flipped),
                      "tokens": torch.stack([self._tokens_of(c) for c in captions])}
-        if self.redraw_pairs:
-            out.update(self._redraw_pair(index, originals, params))
+        if changed is not None:
+            out.update(self._redraw_pair(index, originals, params, changed))
         if k:
             neg_tokens = torch.zeros(2, k, self.tokenizer.context, dtype=torch.long)
             neg_mask = torch.zeros(2, k, dtype=torch.bool)
@@ -543,17 +560,16 @@ class TextImageDataset(CroppedImages):
             out.update(neg_imgs=neg_imgs, neg_img_mask=neg_img_mask)
         return out
 
-    def _redraw_pair(self, index: int, originals: list[str], params: list[tuple]) -> dict:
-        """The item's partner (TRAIN.REDRAW_PAIRS): the picture redrawn with one attribute
-        that both captions name changed, in the same two views, with both captions edited to
-        match: redraw_imgs [2, 3, S, S], redraw_tokens [2, L], redraw_class (its class id)."""
+    def _redraw_pair(self, index: int, originals: list[str], params: list[tuple],
+                     attribute: str) -> dict:
+        """The item's partner (TRAIN.REDRAW_PAIRS): the picture redrawn with `attribute`
+        (named by both captions) changed, in the same two views, with both captions edited
+        to match: redraw_imgs [2, 3, S, S], redraw_tokens [2, L], redraw_class (its class)."""
         from miscc.minimal_pairs import with_value
 
         lists = self.word_lists
         truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
-        common = set(lists.named(originals[0])) & set(lists.named(originals[1]))
-        edits = _picture_edits(truth, {c: [] for c in common}, 1,
-                               int(torch.randint(0, 2**31 - 1, ())))
+        edits = _picture_edits(truth, {attribute: []}, 1, int(torch.randint(0, 2**31 - 1, ())))
         attrs = edits[0] if edits else truth
         changed = [a for a in truth if attrs[a] != truth[a]]
         captions = [with_value(c, lists, changed[0], attrs[changed[0]]) if changed else c
