@@ -4,10 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch's OpenMP threads sleep instead of spinning between parallel regions: with the default
-# spin-waiting a 2-thread run on a machine whose other core is busy ran ~4x slower (README)
+# spin-waiting a 2-thread run on a machine whose other core is busy ran ~4x slower (docs/benchmarks.md)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: test lint bench demo demo-clipgen
+.PHONY: test lint bench demo demo-clipgen gpu-check picture
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	for f in bench/bench_*.py; do case $$f in *bench_gpu.py|*bench_attention.py|*bench_scale.py) continue;; esac; \
 		echo "== $$f"; $(PY) $$f || exit 1; done
+
+# Every trainer, evaluation and sampling on one CUDA GPU in a few minutes (exit 2 without one)
+GPU ?= 0
+GPU_LOG ?= gpu_check.log
+gpu-check: $(STAMP)
+	$(PY) gpu_check.py --gpu $(GPU) --log $(GPU_LOG)
 
 # The whole pipeline on the synthetic shapes set, on CPU, in minutes. Each line is the command a
 # user would type; re-running resumes unfinished stages and skips finished ones.
@@ -45,7 +51,7 @@ demo: $(STAMP)
 	$(PY) report.py --stage1 cfg/DAMSM/shapes.yml --stage2 cfg/clip_shapes_DMGAN.yml \
 		--fid $(DEMO_OUT)/fid.json --out $(DEMO_OUT)
 
-# CLIP-GEN on the same set (README "CLIP-GEN"): the tokenizer, the token cache, the transformer,
+# CLIP-GEN on the same set (README "Quick start"): the tokenizer, the token cache, the transformer,
 # the test split prompted with text and with image embeddings, and the report with DM-GAN beside
 # it (DM-GAN's column is filled when `make demo` has run). Stage 1 (the CLIP encoder both use)
 # is trained here only when `make demo` has not already done it. The image-embedding upper
@@ -67,3 +73,8 @@ demo-clipgen: $(STAMP)
 	$(PY) report.py --stage1 cfg/DAMSM/shapes.yml --stage2 cfg/clip_shapes_DMGAN.yml \
 		--fid $(DEMO_OUT)/fid.json --clipgen $(CLIPGEN_CFG) \
 		--clipgen-fid $(DEMO_OUT)/fid_clipgen.json --out $(DEMO_OUT)
+
+# README's picture (assets/shapes_side_by_side.png): the same test captions drawn by the two
+# generators the demos trained
+picture: $(STAMP)
+	$(PY) assets/side_by_side.py

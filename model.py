@@ -383,9 +383,20 @@ class Generator(nn.Module):
         return images, mu, logvar
 
 
+class FP32WeightConv2d(nn.Conv2d):
+    """A convolution whose (parametrized) weight is computed outside autocast: spectral
+    norm's power iteration and σ in fp32 (under bf16/fp16 autocast torch would run them in
+    the low precision); the convolution itself still follows autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            weight = self.weight
+        return self._conv_forward(x, weight, self.bias)
+
+
 def _sn_conv(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Conv2d:
     """A spectrally normalised convolution with bias, as every D convolution of the release."""
-    return spectral_norm(nn.Conv2d(cin, cout, kernel, stride, padding, bias=True))
+    return spectral_norm(FP32WeightConv2d(cin, cout, kernel, stride, padding, bias=True))
 
 
 def _down_block(cin: int, cout: int) -> list[nn.Module]:

@@ -317,7 +317,7 @@ def score_tree(cfg, path: str | Path, device: torch.device, progress: bool = Tru
     text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
     other_text = (text_feature_cache(cfg, "test", data.tokens, other, device, progress)
                   if other is not None else None)
-    from sampling import eval_items
+    from miscc.protocol import eval_items
 
     wanted, _, protocol = eval_items(cfg, data.num_captions)  # EVAL.NUM_IMAGES decides
     expected = len(wanted)

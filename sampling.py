@@ -20,7 +20,8 @@ from tqdm import tqdm
 from datasets import CaptionTokenizer, DataError, TextImageDataset, image_sizes
 from miscc.judge import EvalJudge
 from miscc.pictures import save_caption_grid, save_png_file, to_uint8
-from miscc.training import resolve_checkpoint
+from miscc.protocol import eval_items
+from miscc.training import inference_precision, resolve_checkpoint
 from miscc.utils import atomic_write_bytes, barrier, is_main_process
 from model import ClipEncoder, Generator, gan_arch, load_generator
 from r_precision import independent_entry, load_independent_encoder, report_lines, score_generated
@@ -45,38 +46,6 @@ def seeded_noise(cfg, count: int, arch: dict, offset: int = 0
     g = torch.Generator().manual_seed(int(cfg.SEED) + 1_000_003 * offset)
     return (torch.randn(count, arch["Z_DIM"], generator=g),
             torch.randn(count, arch["CONDITION_DIM"], generator=g))
-
-
-def caption_items(num_captions: torch.Tensor) -> torch.Tensor:
-    """[M, 2] (image index, caption index) for every caption of a split, in order."""
-    index = torch.arange(len(num_captions)).repeat_interleave(num_captions)
-    starts = torch.cumsum(num_captions, 0) - num_captions
-    return torch.stack([index, torch.arange(len(index)) - starts[index]], dim=1)
-
-
-def eval_items(cfg, num_captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The (image, caption) pairs the evaluation generates ([M, 2]), their positions among all
-    the split's pairs (which pick their noise), and the protocol for metrics.json.
-
-    EVAL.NUM_IMAGES 0 (or at least the number of test captions): every caption, one image
-    each. Else that many distinct pairs, drawn uniformly with a generator seeded by SEED, the
-    30,000-image protocol of the AttnGAN/DM-GAN papers for COCO; the draw depends on nothing
-    else (not on batch size or process count)."""
-    every = caption_items(num_captions)
-    want, seed = int(cfg.EVAL.NUM_IMAGES), int(cfg.SEED)
-    if 0 < want < len(every):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
-        pick = torch.randperm(len(every), generator=g)[:want].sort().values
-        rule = f"{want} distinct (image, caption) pairs drawn uniformly (seed {seed})"
-    else:
-        if want > len(every):
-            warnings.warn(f"EVAL.NUM_IMAGES={want} is more than the {len(every)} test captions: "
-                          "generating one image per caption", stacklevel=2)
-        pick = torch.arange(len(every))
-        rule = "one image per test caption"
-    protocol = {"rule": rule, "images": len(pick), "test_captions": len(every), "seed": seed,
-                "num_images_key": want}
-    return every[pick], pick, protocol
 
 
 def _gather(items: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -180,8 +149,9 @@ def generate_test_set(cfg, device: torch.device, progress: bool = True) -> dict 
         words, sent, mask = text
         return netG(z[pairs].to(device), sent, words, mask, eps[pairs].to(device))[0][-1]
 
-    return evaluate_test_set(cfg, device, encoder, data, make_images,
-                             {"generator": str(cfg.TRAIN.NET_G)}, progress=progress)
+    with inference_precision(cfg, device):
+        return evaluate_test_set(cfg, device, encoder, data, make_images,
+                                 {"generator": str(cfg.TRAIN.NET_G)}, progress=progress)
 
 
 def caption_files(cfg, captions: str | None) -> list[tuple[str, Path]]:
@@ -257,4 +227,5 @@ def generate_custom(cfg, device: torch.device, captions: str | None = None) -> l
         words, sent, mask = text
         return netG(z, sent, words, mask, eps)[0][-1]
 
-    return caption_file_grids(cfg, device, encoder, captions, make_images)
+    with inference_precision(cfg, device):
+        return caption_file_grids(cfg, device, encoder, captions, make_images)

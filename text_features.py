@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from datasets import cache_root
 from miscc.config import ConfigError
-from miscc.training import resolve_checkpoint
+from miscc.training import inference_precision, resolve_checkpoint
 from miscc.utils import (
     atomic_write_bytes,
     barrier,
@@ -100,7 +100,7 @@ def encode_all_captions(encoder: ClipEncoder, tokens: torch.Tensor, device: torc
         for start in tqdm(range(0, n * c, batch), desc="text features", disable=not progress,
                           leave=False):
             w, s, m = encoder.encode_text(flat[start: start + batch, :length].to(device))
-            out["words"].write(w.cpu().numpy())
+            out["words"].write(w.float().cpu().numpy())  # bf16 under autocast
             out["sent"].write(s.float().cpu().numpy())
             out["mask"].write(m.cpu().numpy())
     return shapes
@@ -121,7 +121,8 @@ def text_feature_cache(cfg, split: str, tokens: torch.Tensor, encoder: ClipEncod
     folder = feature_cache_root(cfg) / f"text_{split}_{key}"
     meta = folder / "meta.json"
     if is_local_main_process() and not meta.is_file():
-        shapes = encode_all_captions(encoder, tokens, device, folder, progress=progress)
+        with inference_precision(cfg, device):
+            shapes = encode_all_captions(encoder, tokens, device, folder, progress=progress)
         atomic_write_bytes(meta, json.dumps({"split": split, "shape": list(shapes["words"]),
                                              "words_num": int(cfg.TEXT.WORDS_NUM)}).encode())
     barrier()

@@ -34,6 +34,7 @@ from miscc.training import (
     damsm_class_ids,
     fused_options,
     load_resume_state,
+    load_scaler_state,
     memory_format,
     resolve_checkpoint,
     seeded_train_loader,
@@ -42,6 +43,7 @@ from miscc.training import (
 from miscc.utils import (
     CheckpointError,
     atomic_torch_save,
+    in_process_group,
     load_state_strict,
     rng_state,
 )
@@ -95,7 +97,7 @@ class GANTrainer(EpochTrainer):
                                      **fused)
         self.optDs = [torch.optim.Adam(d.parameters(), lr=cfg.TRAIN.DISCRIMINATOR_LR,
                                        betas=betas, **fused) for d in netDs]
-        if world > 1:
+        if in_process_group():
             ids = [device.index] if self.cuda else None
             # without discriminators only the largest image head is trained
             netG = DistributedDataParallel(netG, device_ids=ids,
@@ -171,7 +173,7 @@ class GANTrainer(EpochTrainer):
             load_state_strict(unwrap(d), state["netDs"][i], f"discriminator {i} in {path}")
             opt.load_state_dict(state["optDs"][i])
         self.optG.load_state_dict(state["optG"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         self._restore_progress(path, state)
         return True
 

@@ -10,6 +10,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from PIL import Image
+
 from datasets import (
     BIRDS_LAYOUT,
     CroppedImages,
@@ -21,6 +23,9 @@ from datasets import (
     safe_load_pickle,
 )
 
+# folder data: files decoded up front until one works, so a folder of files that are not
+# images (or that PIL cannot read) is one clear error, not a batch-size complaint later
+PROBE_IMAGES = 16
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -50,6 +55,10 @@ def folder_split(root: Path, split: str, holdout: float, test_dir: str = ""
     train then leaves out; the choice depends only on the relative paths."""
     if split == "test" and test_dir:
         root = Path(test_dir)
+        if not root.is_dir():
+            raise DataError(f"VQGAN.TEST_DIR {test_dir} is not a directory: point it at a "
+                            "folder of test images, or set it to '' (--set VQGAN.TEST_DIR=) "
+                            "to hold out VQGAN.HOLDOUT of DATA_DIR's images instead")
         paths = list_images(root)
     else:
         paths = list_images(root)
@@ -65,6 +74,23 @@ def folder_split(root: Path, split: str, holdout: float, test_dir: str = ""
                         f"images or at an AttnGAN layout:\n{BIRDS_LAYOUT}")
     keys = [p.relative_to(root).with_suffix("").as_posix() for p in paths]
     return keys, paths
+
+
+def check_decodable(paths: list[Path], root: Path, split: str) -> None:
+    """A DataError when none of the first PROBE_IMAGES files of a folder split decodes (it
+    returns at the first file that does)."""
+    tried = []
+    for path in paths[:PROBE_IMAGES]:
+        try:
+            with Image.open(path) as img:
+                img.load()
+            return
+        except (OSError, ValueError, SyntaxError) as err:
+            tried.append(f"{path.name}: {err}")
+    total = "the" if len(paths) <= PROBE_IMAGES else "the first"
+    raise DataError(f"none of {total} {len(tried)} image files of the {split} split under "
+                    f"{root} could be decoded ({'; '.join(tried[:3])}); DATA_DIR must hold "
+                    "images PIL can read (jpg, png, ...)")
 
 
 def layout_split(cfg, split: str) -> tuple[list[str], list[Path], list]:
@@ -100,8 +126,10 @@ class TokenizerImages(CroppedImages):
         if self.layout:
             keys, paths, boxes = layout_split(cfg, split)
         else:
-            keys, paths = folder_split(root, split, float(cfg.VQGAN.HOLDOUT),
-                                       str(cfg.VQGAN.TEST_DIR))
+            test_dir = str(cfg.VQGAN.TEST_DIR)
+            keys, paths = folder_split(root, split, float(cfg.VQGAN.HOLDOUT), test_dir)
+            check_decodable(paths, Path(test_dir) if split == "test" and test_dir else root,
+                            split)
             boxes = [None] * len(keys)
         size = max(image_sizes(cfg))
         super().__init__(keys, paths, boxes, split, [size], 1, train, bool(cfg.TRAIN.FLIP),

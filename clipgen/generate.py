@@ -18,7 +18,7 @@ from clipgen.models import GPT_PATTERN, draw_images, load_gpt, load_tokenizer, s
 from clipgen.trainer import encoder_name
 from clipgen.vqgan import VQModel
 from datasets import DataError, TextImageDataset
-from miscc.training import resolve_checkpoint
+from miscc.training import inference_precision, resolve_checkpoint
 from miscc.utils import is_main_process
 from model import ClipEncoder
 from sampling import caption_file_grids, evaluate_test_set, test_split
@@ -97,12 +97,13 @@ def evaluate(cfg, device: torch.device, progress: bool = True,
               "sampling": {"top_k": int(c.TOP_K), "top_p": float(c.TOP_P),
                            "temperature": float(c.TEMPERATURE),
                            "candidates": int(c.CANDIDATES)}}
-    text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)  # all ranks
-    if is_main_process():
-        source["modality_gap"] = modality_gap(encoder, data, text.sent, device)
-    out = Path(cfg.OUTPUT_DIR) / ("image_condition" if condition == "image" else "")
-    return evaluate_test_set(cfg, device, encoder, data, make_images, source, out, progress,
-                             text)
+    with inference_precision(cfg, device):
+        text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
+        if is_main_process():
+            source["modality_gap"] = modality_gap(encoder, data, text.sent, device)
+        out = Path(cfg.OUTPUT_DIR) / ("image_condition" if condition == "image" else "")
+        return evaluate_test_set(cfg, device, encoder, data, make_images, source, out,
+                                 progress, text)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from clipgen.vq_trainer import CHECKPOINT_PATTERN as VQGAN_PATTERN
 from clipgen.vqgan import VQModel
 from datasets import image_sizes
 from miscc.config import ConfigError
-from miscc.training import memory_format, resolve_checkpoint
+from miscc.training import inference_precision, memory_format, resolve_checkpoint
 from miscc.utils import CheckpointError, load_checkpoint, load_state_strict
 from model import ClipEncoder
 from text_features import encoder_digest
@@ -26,10 +26,17 @@ GPT_FORMAT = "clipgen-gpt/1"
 GPT_PATTERN = "gpt_epoch_*.pth"  # Model/gpt_epoch_<N>.pth (not gpt_step_<S>.pth)
 
 
+def tokenizer_path(cfg) -> str:
+    """CLIPGEN.VQGAN, or when empty the Model/ folder train_vqgan.py writes for this
+    DATASET_NAME (its default OUTPUT_DIR), so a tokenizer and a transformer trained on the
+    same data find each other without a path in either config."""
+    return str(cfg.CLIPGEN.VQGAN) or str(Path("output") / f"{cfg.DATASET_NAME}_VQGAN" / "Model")
+
+
 def load_tokenizer(cfg, device: torch.device, path: str = "") -> tuple[VQModel, Path]:
     """The frozen VQGAN of CLIPGEN.VQGAN (or `path`): a vqgan<N>.pth or the newest in a folder.
     Its image size must be the config's largest TREE size (the crops the cache encodes)."""
-    found = resolve_checkpoint(path or str(cfg.CLIPGEN.VQGAN), VQGAN_PATTERN,
+    found = resolve_checkpoint(path or tokenizer_path(cfg), VQGAN_PATTERN,
                                "VQGAN tokenizer (train_vqgan.py)", "CLIPGEN.VQGAN")
     vq = VQModel.from_checkpoint(found)
     size = max(image_sizes(cfg))
@@ -107,12 +114,14 @@ def draw_images(cfg, gpt: CondGPT, vq: VQModel, cond: torch.Tensor, ids: torch.T
         ids = ids.repeat_interleave(n) * n + torch.arange(n).repeat(len(ids)).to(ids)
     was_training = gpt.training
     gpt.eval()
-    tokens = sample_tokens(gpt, cond, ids, int(cfg.SEED), int(c.TOP_K), float(c.TOP_P),
-                           float(c.TEMPERATURE))
-    gpt.train(was_training)
-    images = vq.decode_indices(tokens.view(-1, side, side)).float().clamp(-1, 1)
-    if n == 1:
-        return images
-    scores = F.cosine_similarity(encoder.encode_image(images)[1].float(), cond.float(), dim=-1)
+    with inference_precision(cfg, cond.device):
+        tokens = sample_tokens(gpt, cond, ids, int(cfg.SEED), int(c.TOP_K), float(c.TOP_P),
+                               float(c.TEMPERATURE))
+        gpt.train(was_training)
+        images = vq.decode_indices(tokens.view(-1, side, side)).float().clamp(-1, 1)
+        if n == 1:
+            return images
+        codes = encoder.encode_image(images)[1].float()
+    scores = F.cosine_similarity(codes, cond.float(), dim=-1)
     best = scores.view(-1, n).argmax(1)
     return images.view(-1, n, *images.shape[1:])[torch.arange(len(best)), best]

@@ -49,6 +49,14 @@ class VectorQuantizer(nn.Module):
         nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
         self.register_buffer("initialized", torch.tensor(not init_from_data))
         self.register_buffer("usage", torch.zeros(n_embed))
+        # `initialized` as a Python bool for forward: reading the buffer there would be a
+        # host sync every step on CUDA; re-read once whenever a state dict is loaded
+        self._ready = not init_from_data
+        self.register_load_state_dict_post_hook(VectorQuantizer._sync_ready)
+
+    @staticmethod
+    def _sync_ready(module: VectorQuantizer, incompatible: object) -> None:
+        module._ready = bool(module.initialized)
 
     def codebook(self) -> torch.Tensor:
         """The code vectors as the lookup sees them (unit length when L2_NORM)."""
@@ -92,9 +100,10 @@ class VectorQuantizer(nn.Module):
             flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)
             if self.l2_norm:
                 flat = F.normalize(flat, dim=1)
-            if self.training and not bool(self.initialized):
+            if self.training and not self._ready:
                 self._seed_codes(torch.arange(self.n_embed, device=z.device), flat.detach())
                 self.initialized.fill_(True)
+                self._ready = True
             codes = self.codebook()
             idx = nearest_codes(flat.detach(), codes.detach(), self.l2_norm)
             q = F.embedding(idx, codes)

@@ -40,11 +40,14 @@ from miscc.training import (
     EpochTrainer,
     check_replicas,
     fused_options,
+    inference_precision,
     load_resume_state,
+    load_scaler_state,
 )
 from miscc.utils import (
     CheckpointError,
     atomic_torch_save,
+    in_process_group,
     load_state_strict,
     rng_state,
 )
@@ -141,9 +144,10 @@ class CLIPGenTrainer(EpochTrainer):
             raise DataError(f"TRAIN.BATCH_SIZE={self.batch} per process is larger than the "
                             f"train split's share of each of the {world} processes "
                             f"({len(data) // world} images); lower TRAIN.BATCH_SIZE")
-        self.cache = token_cache(feature_cache_root(cfg), data, self.vq, self.encoder, device,
-                                 int(c.VIEWS), int(cfg.SEED), workers=int(cfg.WORKERS),
-                                 progress=self.progress)
+        with inference_precision(cfg, device):
+            self.cache = token_cache(feature_cache_root(cfg), data, self.vq, self.encoder,
+                                     device, int(c.VIEWS), int(cfg.SEED),
+                                     workers=int(cfg.WORKERS), progress=self.progress)
         self.sampler = EpochSampler(len(data), self.batch, int(cfg.SEED), rank, world)
         self.loader = CachedBatches(self.cache, self.sampler, self.batch)
         self.recon_weight = float(c.RECON_WEIGHT)
@@ -153,7 +157,7 @@ class CLIPGenTrainer(EpochTrainer):
         self.opt = torch.optim.AdamW(decay_groups(self.gpt, float(c.WEIGHT_DECAY)),
                                      lr=float(c.LR), betas=(0.9, 0.95), **fused_options(device))
         self.model: nn.Module = self.gpt
-        if world > 1:
+        if in_process_group():
             self.model = DistributedDataParallel(self.gpt, device_ids=[device.index]
                                                  if self.cuda else None)
         self._resume()
@@ -254,13 +258,14 @@ class CLIPGenTrainer(EpochTrainer):
                                   f"{asdict(self.gpt.arch)}); use its config or --fresh")
         load_state_strict(self.gpt, state["gpt"]["state_dict"], f"transformer in {path}")
         self.opt.load_state_dict(state["opt"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         self._restore_progress(path, state)
 
     # ----------------------------------------------------------------------- one step
     def train_step(self, batch: dict) -> dict[str, float]:
-        """Teacher-forced CE (+ the reconstruction term), one finite check, one AdamW step at
-        this step's learning rate."""
+        """Teacher-forced CE (+ the reconstruction term), one AdamW step at this step's
+        learning rate, then one finite check (after the step is queued: no host wait
+        between forward and backward)."""
         c, dev = self.cfg.CLIPGEN, self.device
         tokens = batch["tokens"].to(dev, non_blocking=True)
         emb = batch["emb"].to(dev, non_blocking=True)
@@ -277,7 +282,6 @@ class CLIPGenTrainer(EpochTrainer):
                      if self.recon_weight > 0 else zero)
             loss = ce + self.recon_weight * recon
         lr = lr_at(self.step, self.total_steps, float(c.LR), int(c.WARMUP_STEPS))
-        stats = self.checked({"loss": loss, "ce": ce, "recon": recon})
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
@@ -287,6 +291,7 @@ class CLIPGenTrainer(EpochTrainer):
             nn.utils.clip_grad_norm_(self.gpt.parameters(), float(c.GRAD_CLIP))
         self.scaler.step(self.opt)
         self.scaler.update()
+        stats = self.checked({"loss": loss, "ce": ce, "recon": recon})
         stats["lr"] = lr
         return stats
 

@@ -112,12 +112,16 @@ def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor,
-                    disc_weight: float) -> torch.Tensor:
+                    disc_weight: float, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
     """DISC_WEIGHT · ‖∇W rec‖ / (‖∇W adv‖ + 1e-4), clamped to [0, 1e4] and detached. The two
     gradients are averaged over processes first, so every rank uses the weight of the global
-    batch."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
+    batch. `scale` is the GradScaler's scale: the gradients are taken of the scaled losses,
+    as the training backward takes them (under fp16 the unscaled ones underflow to 0), and
+    divided by it in fp32. Scaled gradients that overflow give weight 0 for the step (the
+    GradScaler skips that step anyway)."""
+    g_rec = torch.autograd.grad(rec_loss * scale, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv_loss * scale, last_layer, retain_graph=True)[0]
     g_rec, g_adv = all_reduce_mean(g_rec.float()), all_reduce_mean(g_adv.float())
-    weight = g_rec.norm() / (g_adv.norm() + 1e-4)
+    weight = (g_rec.norm() / scale) / (g_adv.norm() / scale + 1e-4)
+    weight = torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
     return (weight.clamp(0.0, 1e4) * disc_weight).detach()

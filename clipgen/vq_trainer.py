@@ -35,7 +35,9 @@ from miscc.training import (
     EpochTrainer,
     check_replicas,
     fused_options,
+    inference_precision,
     load_resume_state,
+    load_scaler_state,
     loader_options,
     memory_format,
     resolve_checkpoint,
@@ -45,6 +47,7 @@ from miscc.utils import (
     atomic_torch_save,
     atomic_write_bytes,
     barrier,
+    in_process_group,
     is_main_process,
     load_state_strict,
     rng_state,
@@ -80,7 +83,7 @@ def reconstruct(vq: VQModel, data: TokenizerImages, cfg, device: torch.device,
                         **loader_options(cfg, device))
     sums = torch.zeros(3, dtype=torch.float64)  # L1, PSNR, images
     counts = torch.zeros(vq.arch.n_embed, dtype=torch.float64)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), inference_precision(cfg, device):
         _reconstruct_into(vq, loader, device, sums, counts, out_dir, real_dir, progress)
     sums, counts = _all_sum(sums.to(device)).cpu(), _all_sum(counts.to(device)).cpu()
     images = max(int(sums[2]), 1)
@@ -175,7 +178,7 @@ class VQGANTrainer(EpochTrainer):
         super().__init__(cfg, device, rank, world, fresh, progress)
         v = cfg.VQGAN
         # on CPU too, unlike stage 2: the tokenizer's small convolutions ran 1.2x faster per
-        # step in channels-last on 2 cores (README, TRAIN.CHANNELS_LAST)
+        # step in channels-last on 2 cores (docs/configuration.md, TRAIN.CHANNELS_LAST)
         self.memory_format = memory_format(bool(cfg.TRAIN.CHANNELS_LAST))
         # missing VGG weights end the run before anything else is built
         self.lpips = (load_lpips(str(v.VGG_WEIGHTS)).to(device)
@@ -199,7 +202,7 @@ class VQGANTrainer(EpochTrainer):
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=self.scaler.is_enabled())
         self.model: torch.nn.Module = self.vq
         self.d_step = RealFake(self.disc) if self.disc else None
-        if world > 1:
+        if in_process_group():
             ids = [device.index] if self.cuda else None
             # the quantizer's usage counts are per process (summed at each restart)
             self.model = DistributedDataParallel(self.vq, device_ids=ids, broadcast_buffers=False)
@@ -239,7 +242,7 @@ class VQGANTrainer(EpochTrainer):
         check_same_arch(read_arch(state["vqgan"], path), self.vq.arch, str(path))
         load_state_strict(self.vq, state["vqgan"]["state_dict"], f"VQGAN in {path}")
         self.opt_ae.load_state_dict(state["opt_ae"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         if self.disc is not None:
             if state.get("disc") is None:
                 warnings.warn(f"{path} has no discriminator (VQGAN.DISC_WEIGHT was 0): a new "
@@ -247,13 +250,14 @@ class VQGANTrainer(EpochTrainer):
             else:
                 load_state_strict(self.disc, state["disc"], f"discriminator in {path}")
                 self.opt_d.load_state_dict(state["opt_d"])
-                self.scaler_d.load_state_dict(state["scaler_d"])
+                load_scaler_state(self.scaler_d, state["scaler_d"])
         self._restore_progress(path, state)
 
     # --------------------------------------------------------------------------- one step
     def train_step(self, batch: dict) -> dict[str, float]:
-        """Autoencoder losses (+ the discriminator's from DISC_START), one finite check for all
-        of them, then the two optimizer steps and, when due, the dead-code restart."""
+        """Autoencoder losses (+ the discriminator's from DISC_START), the two optimizer
+        steps, one finite check for all of them (after the steps are queued: no host wait
+        between forward and backward) and, when due, the dead-code restart."""
         v, dev = self.cfg.VQGAN, self.device
         x = batch["image"].to(dev, non_blocking=True).contiguous(
             memory_format=self.memory_format)
@@ -270,7 +274,10 @@ class VQGANTrainer(EpochTrainer):
                 g_adv = -self.disc(xrec).mean()
                 self.disc.requires_grad_(True)
         if adversarial:
-            weight = adaptive_weight(rec, g_adv, self.vq.last_layer, float(v.DISC_WEIGHT))
+            # the loss scale as a tensor (GradScaler.get_scale would be a host read)
+            scale = self.scaler.scale(torch.ones((), device=dev))
+            weight = adaptive_weight(rec, g_adv, self.vq.last_layer, float(v.DISC_WEIGHT),
+                                     scale)
             with self._autocast():
                 real, fake = self.d_step(x, xrec.detach())
                 d_loss = hinge_d_loss(real, fake)
@@ -278,7 +285,6 @@ class VQGANTrainer(EpochTrainer):
         values = {"loss": loss, "l1": l1, "perceptual": perceptual, "vq": vq_loss,
                   "g_adv": g_adv, "d": d_loss, "adaptive_weight": weight,
                   "perplexity": qstats["perplexity"]}
-        stats = self.checked(values)
         self.opt_ae.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt_ae)
@@ -288,6 +294,7 @@ class VQGANTrainer(EpochTrainer):
             self.scaler_d.scale(d_loss).backward()
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
+        stats = self.checked(values)
         if bool(v.RESTART_DEAD) and (self.step + 1) % int(v.RESTART_EVERY) == 0:
             # drawn from (SEED, step), not the global RNG, whose history differs after a resume
             draw = torch.Generator().manual_seed(int(self.cfg.SEED) * 1_000_003 + self.step)

@@ -28,7 +28,7 @@ def default_config() -> EasyDict:
     return EasyDict(
         {
             "CONFIG_NAME": "",
-            "DATASET_NAME": "birds",
+            "DATASET_NAME": "birds",  # '' = the name of the DATA_DIR folder
             "DATA_DIR": "",
             "CACHE_DIR": "",  # image/text/FID-statistics caches; '' = <DATA_DIR>/cache
             "OUTPUT_DIR": "",  # '' -> output/<DATASET_NAME>_<CONFIG_NAME>
@@ -36,6 +36,10 @@ def default_config() -> EasyDict:
             "CUDA": True,
             "WORKERS": 4,
             "CPU_THREADS": 0,  # >0: torch intra-op threads on CPU runs (tiny models: 1)
+            # torchrun: minutes any collective may wait before the job aborts, including the
+            # barrier where the other processes wait while the first one of a node builds a
+            # token or text-feature cache (raise it for ImageNet-sized caches)
+            "DIST_TIMEOUT_MINUTES": 60.0,
             "SEED": 100,
             "B_VALIDATION": False,
             "TREE": {"BRANCH_NUM": 3, "BASE_SIZE": 64},
@@ -58,12 +62,15 @@ def default_config() -> EasyDict:
                 "CONTRASTIVE_WEIGHT": 0.2,
                 "TEMPERATURE": 0.5,
                 "EMA_DECAY": 0.999,
-                # preemption (README "Clusters and preemption"): a resume state at least this
+                # preemption (docs/training-at-scale.md): a resume state at least this
                 # often (0 = only at epoch ends and snapshots), and the signals that make a
                 # run finish its step, save a resume state and exit with code 75
                 "STATE_MINUTES": 30.0,
                 "STOP_SIGNALS": "SIGTERM,SIGINT,SIGUSR1",
                 "AMP": True,  # autocast on CUDA (bf16 where supported)
+                # auto: bf16 where the GPU computes it natively, else fp16 + GradScaler;
+                # float16 forces the fp16 path (gpu_check.py runs it on bf16 GPUs too)
+                "AMP_DTYPE": "auto",
                 "CHANNELS_LAST": True,  # CUDA (and the VQGAN tokenizer on CPU)
                 "PIN_MEMORY": True,
                 "PERSISTENT_WORKERS": True,
@@ -101,7 +108,7 @@ def default_config() -> EasyDict:
                     "LAMBDA": 5.0,
                     "ATTNGAN_SCORE": False,  # drop the paper's 1/gamma2 factor like AttnGAN's code
                     # DAMSM attention from raw word-region dot products (AttnGAN/DM-GAN code)
-                    # or cosines (the earlier CLIP + DM-GAN code); measured in README
+                    # or cosines; measured in docs/results.md
                     "SIMILARITY": "cosine",
                 },
             },
@@ -160,7 +167,9 @@ def default_config() -> EasyDict:
             # image's VQGAN tokens from its CLIP image embedding; the CLIP encoder is
             # TRAIN.NET_E (a stage-1 checkpoint) or, when empty, the CLIP section's weights
             "CLIPGEN": {
-                "VQGAN": "",  # the tokenizer: a vqgan<N>.pth of train_vqgan.py, or its Model/
+                # the tokenizer: a vqgan<N>.pth of train_vqgan.py, or its Model/; '' = the
+                # one train_vqgan.py writes for this DATASET_NAME: output/<name>_VQGAN/Model
+                "VQGAN": "",
                 "N_LAYER": 24,  # GPT-2 medium (the paper's COCO model)
                 "N_EMBD": 1024,
                 "N_HEAD": 16,
@@ -228,6 +237,7 @@ LEGACY_KEYS: dict[str, str | None] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.SMOOTH.SIMILARITY": ("dot", "cosine"),
     "CLIPGEN.CONDITION": ("text", "image"),
+    "TRAIN.AMP_DTYPE": ("auto", "bfloat16", "float16"),
 }
 
 LEGACY_REASONS = {
@@ -404,7 +414,11 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def finalize(cfg: EasyDict) -> EasyDict:
-    """Fill derived values (default OUTPUT_DIR)."""
+    """Fill derived values: DATASET_NAME '' = the DATA_DIR folder's name (so runs on two
+    folders get two output folders), the default OUTPUT_DIR."""
+    if not cfg.DATASET_NAME:
+        data = str(cfg.DATA_DIR)
+        cfg.DATASET_NAME = (Path(data).resolve().name if data else "") or "folder"
     if not cfg.OUTPUT_DIR:
         name = f"{cfg.DATASET_NAME}_{cfg.CONFIG_NAME}" if cfg.CONFIG_NAME else cfg.DATASET_NAME
         cfg.OUTPUT_DIR = str(Path("output") / name)

@@ -32,11 +32,18 @@ from miscc.training import (
     damsm_class_ids,
     fused_options,
     load_resume_state,
+    load_scaler_state,
     loader_options,
     resolve_checkpoint,
     seeded_train_loader,
 )
-from miscc.utils import atomic_torch_save, atomic_write_bytes, load_state_strict, rng_state
+from miscc.utils import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    in_process_group,
+    load_state_strict,
+    rng_state,
+)
 from model import ClipEncoder
 
 STATE_FORMAT = "damsm-train-state/1"
@@ -160,7 +167,7 @@ class DAMSMTrainer(EpochTrainer):
                                            **fused_options(device))
         self.scheduler = self._one_cycle()
         self.model = self.encoder
-        if world > 1:
+        if in_process_group():
             self.model = DistributedDataParallel(
                 self.encoder, device_ids=[device.index] if self.cuda else None)
         self.val: dict[str, float] = {}  # the latest validation results
@@ -222,7 +229,7 @@ class DAMSMTrainer(EpochTrainer):
             sched.update(total_steps=fresh["total_steps"],
                          _schedule_phases=fresh["_schedule_phases"])
         self.scheduler.load_state_dict(sched)
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
         self._restore_progress(path, state)
 
     # --------------------------------------------------------------------------- one step
@@ -278,10 +285,9 @@ class DAMSMTrainer(EpochTrainer):
         return loss, torch.stack([loss, w_total, s_total, contrastive, pairs]).detach()
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """Forward, finite check (all ranks together), backward, clip, step, schedule."""
+        """Forward, backward, clip, step, schedule, then the finite check (all ranks
+        together; nothing is saved after a bad step)."""
         loss, parts = self.losses(batch)
-        # one sync: the logged values + the check
-        stats = self.checked(dict(zip(TRAIN_STATS, parts, strict=True)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -289,7 +295,9 @@ class DAMSMTrainer(EpochTrainer):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return stats
+        # one sync (the logged values + the check), after the step is queued: on CUDA a read
+        # before the backward would leave the GPU idle while the host waits for it
+        return self.checked(dict(zip(TRAIN_STATS, parts, strict=True)))
 
     # ------------------------------------------------------------------------- validation
     @torch.no_grad()

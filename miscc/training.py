@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -50,7 +51,7 @@ KEEP_STATES = 2  # resume states kept on disk (the weights-only checkpoints are 
 def start_process(cfg) -> tuple[int, int, torch.device]:
     """A training command's start: torch.distributed under torchrun, the device (GPU_ID),
     CPU_THREADS on the CPU, every RNG seeded from SEED; returns (rank, world size, device)."""
-    rank, world, device = init_distributed(int(cfg.GPU_ID))
+    rank, world, device = init_distributed(int(cfg.GPU_ID), float(cfg.DIST_TIMEOUT_MINUTES))
     if device.type == "cpu" and int(cfg.CPU_THREADS) > 0:
         torch.set_num_threads(int(cfg.CPU_THREADS))
     seed_everything(int(cfg.SEED))
@@ -153,15 +154,55 @@ def seeded_train_loader(dataset: Dataset, batch: int, cfg, device: torch.device,
     return sampler, loader
 
 
+def seed_step(seed: int, rank: int, step: int, device: torch.device) -> None:
+    """Seed torch's global CPU generator and this process's CUDA one from (seed, rank, step)
+    before each training step: dropout masks differ between ranks (one seed on every rank
+    would drop the same units everywhere) and need no RNG state carried over a resume.
+    Model initialisation, data order and the trainers' noise use their own seeds."""
+    mixed = int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
+    torch.default_generator.manual_seed(mixed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(mixed)
+
+
 # ---------------------------------------------------------------------- precision, losses
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU with native bf16 (Ampere on), else fp16. Emulated bf16 (V100, T4) does
+    not count: it is slow, and fp16 with a GradScaler is what those GPUs run fast."""
+    native = (device.type == "cuda"
+              and torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.bfloat16 if native else torch.float16
+
+
 def mixed_precision(cfg, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
-    """(autocast on?, its dtype, grad scaler): TRAIN.AMP on CUDA only, bf16 where the GPU
-    supports it (no loss scaling needed), else fp16 with an enabled GradScaler."""
-    cuda = device.type == "cuda"
-    amp = bool(cfg.TRAIN.AMP) and cuda
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    """(autocast on?, its dtype, grad scaler): TRAIN.AMP on CUDA only; TRAIN.AMP_DTYPE auto is
+    bf16 where the GPU supports it natively (no loss scaling needed), else fp16 with an enabled
+    GradScaler; bfloat16 / float16 force one."""
+    amp = bool(cfg.TRAIN.AMP) and device.type == "cuda"
+    choice = str(cfg.TRAIN.AMP_DTYPE)
+    dtype = amp_dtype(device) if choice == "auto" else getattr(torch, choice)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
     return amp, dtype, scaler
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: Mapping[str, Any]) -> None:
+    """Resume a GradScaler. A state saved by a disabled scaler (bf16, CPU or TRAIN.AMP off) is
+    empty: an enabled one (fp16, e.g. on another GPU type) then starts from its initial
+    scale instead of failing; a disabled one ignores whatever it is given."""
+    if scaler.is_enabled() and not state:
+        return
+    scaler.load_state_dict(dict(state))
+
+
+def inference_precision(cfg, device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision of sampling, evaluation and cache building: with TRAIN.AMP on CUDA,
+    TF32 for the matmuls and convolutions left in fp32 and autocast to the training's dtype
+    (`amp_dtype`); a no-op on CPU or with TRAIN.AMP off (then everything is fp32)."""
+    if not (bool(cfg.TRAIN.AMP) and device.type == "cuda"):
+        return contextlib.nullcontext()
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls (cuDNN convolutions: default)
+    torch.backends.cudnn.allow_tf32 = True
+    return autocast(True, amp_dtype(device))
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -446,6 +487,7 @@ class EpochTrainer:
                     bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{max_epoch}",
                                total=len(self.loader), disable=not self.progress, leave=False)
                     for batch in bar:
+                        seed_step(int(cfg.SEED), self.rank, self.step, self.device)
                         last = self.train_step(batch)
                         self.step += 1
                         self.in_epoch += 1

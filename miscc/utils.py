@@ -17,6 +17,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +274,9 @@ def rng_state() -> dict:
         "numpy": _numpy_state_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's device only: a job may resume with fewer (or other) GPUs visible
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -286,8 +288,13 @@ def set_rng_state(state: dict) -> None:
         np_state[1] = np_state[1].numpy()
     np.random.set_state(tuple(np_state))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if isinstance(cuda, (list, tuple)):  # older states: one entry per visible device
+            here = torch.cuda.current_device()
+            cuda = cuda[here] if here < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def _numpy_state_plain(state: tuple) -> list:
@@ -303,13 +310,17 @@ def _tuplify(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- distributed
-def init_distributed(gpu: int) -> tuple[int, int, torch.device]:
-    """Start torch.distributed when launched by torchrun; return (rank, world size, device).
+def init_distributed(gpu: int, timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
+    """Start torch.distributed when launched by torchrun (one process too); return (rank,
+    world size, device).
 
-    nccl with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU (`gpu` -1).
+    nccl with one GPU per process (LOCAL_RANK, passed as `device_id` so that barriers know
+    it) on CUDA, gloo on CPU (`gpu` -1). `timeout_minutes` (DIST_TIMEOUT_MINUTES) bounds
+    every collective, including the barrier where the other ranks wait while the first
+    process of a node builds a cache.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's own variable
         return 0, 1, select_device(gpu)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if gpu >= 0:
@@ -319,8 +330,18 @@ def init_distributed(gpu: int) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        options = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes),
+                                **options)
+    if dist.get_rank() == 0:
+        print(f"torch.distributed: {backend}, {dist.get_world_size()} process(es)")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def in_process_group() -> bool:
+    """True under torchrun (even with one process): the trainers then wrap their networks in
+    DistributedDataParallel, so `torchrun --nproc_per_node 1` runs the real DDP path."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_main_process() -> bool:

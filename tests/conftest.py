@@ -151,3 +151,21 @@ def make_coco_like(out: Path, n_train: int = 8, n_test: int = 24, seed: int = 0)
         (out / split).mkdir(exist_ok=True)
         write_pickle(keys, out / split / "filenames.pickle")
     return out
+
+
+def assert_checked_after_step(trainer, optimizer) -> None:
+    """One `train_step` of `trainer` (its first batch) calls `checked` - the all-reduce and
+    host read of the losses - once, after `optimizer` has stepped: on CUDA a read between
+    forward and backward would leave the GPU idle until the host has the values."""
+    seen = []
+    real = trainer.checked
+
+    def checked(values):
+        seen.append(len(optimizer.state) > 0)  # Adam/AdamW fill their state at a step
+        return real(values)
+
+    trainer.checked = checked
+    trainer.sampler.set_epoch(0)
+    assert not optimizer.state
+    trainer.train_step(next(iter(trainer.loader)))
+    assert seen == [True], "checked() ran before the optimizer step"

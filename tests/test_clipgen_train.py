@@ -404,3 +404,35 @@ def test_paper_configs_give_gpt2_medium_on_the_coco_tokenizer() -> None:
     coco = load_config(ROOT / "cfg" / "clipgen_coco.yml", quiet=True)
     assert (coco.CLIPGEN.TOP_K, coco.CLIPGEN.TOP_P, coco.CLIPGEN.RECON_WEIGHT) == (500, 0.95, 0.2)
     assert coco.EVAL.NUM_IMAGES == 30000
+
+
+def test_finite_check_runs_after_the_step(data_dir, vq_ckpt, tiny_encoder_ckpt,
+                                          tmp_path) -> None:
+    from conftest import assert_checked_after_step
+
+    cfg = gen_cfg(data_dir, tmp_path / "out", vq_ckpt, tiny_encoder_ckpt)
+    trainer = CLIPGenTrainer(cfg, CPU, progress=False)
+    assert_checked_after_step(trainer, trainer.opt)
+
+
+def test_draw_images_runs_in_inference_precision(vq_ckpt, tiny_encoder_ckpt,
+                                                 monkeypatch) -> None:
+    """The sampler, the decoder and the re-ranking run inside `inference_precision` (on
+    CUDA with TRAIN.AMP: autocast); under CPU bf16 autocast they give fp32 images in [-1, 1]
+    of the same shape."""
+    import clipgen.models as models
+
+    gpt, vq, encoder = tiny_models(vq_ckpt, tiny_encoder_ckpt)
+    cfg = load_config(ROOT / "cfg" / "clipgen_shapes.yml", ["CLIPGEN.CANDIDATES=2"],
+                      quiet=True)
+    entered = []
+
+    def bf16(cfg, device):
+        entered.append(device)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(models, "inference_precision", bf16)
+    images = draw_images(cfg, gpt, vq, torch.randn(3, 64), torch.arange(3), encoder)
+    assert entered == [CPU]
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
+    assert images.abs().max() <= 1

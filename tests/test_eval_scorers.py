@@ -17,6 +17,7 @@ import r_precision as r_precision_cli
 from datasets import CaptionTokenizer, DataError, SplitInfo, TextImageDataset, image_sizes
 from miscc import judge as J
 from miscc.config import load_config
+from miscc.protocol import caption_items
 from miscc.utils import atomic_torch_save
 from model import (
     ClipEncoder,
@@ -34,7 +35,7 @@ from r_precision import (
     sample_negatives,
     score_generated,
 )
-from sampling import caption_items, generate_test_set
+from sampling import generate_test_set
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Long runs survive preemption and full disks (README "Clusters and preemption"): a stop
+"""Long runs survive preemption and full disks (docs/training-at-scale.md): a stop
 signal finishes the step, saves a resume state and exits 75, and the re-run ends with the
 weights of an uninterrupted run (stage 1, stage 2 and the VQGAN, in one process and under a
 2-process torchrun); timed and epoch-end resume states; a full disk or a read-only place at

@@ -395,3 +395,10 @@ def test_torchrun_two_processes(shapes_dir, tmp_path) -> None:
     state = load_checkpoint(model / "state_step_3.pth")
     assert state["world"] == 2 and state["step"] == 3
     ClipEncoder.from_checkpoint(model / "clip1.pth")
+
+
+def test_finite_check_runs_after_the_step(tiny_cfg, tmp_path) -> None:
+    from conftest import assert_checked_after_step
+
+    trainer = DAMSMTrainer(tiny_cfg(tmp_path / "run"), torch.device("cpu"), progress=False)
+    assert_checked_after_step(trainer, trainer.optimizer)

@@ -24,11 +24,12 @@ import sampling
 from datasets import read_split
 from miscc.config import load_config
 from miscc.damsm import DAMSMTrainer
+from miscc.protocol import caption_items
 from miscc.training import resolve_checkpoint, save_resume_state, unwrap
 from miscc.utils import atomic_torch_save, load_checkpoint
 from model import Generator, gan_arch, generator_checkpoint, init_gan_weights
 from r_precision import score_generated
-from sampling import caption_items, generate_test_set, generator_for_eval, seeded_noise
+from sampling import generate_test_set, generator_for_eval, seeded_noise
 from trainer import GANTrainer
 
 ROOT = Path(__file__).resolve().parents[1]

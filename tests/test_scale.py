@@ -1,4 +1,4 @@
-"""Full-scale concerns (README "Running on CUB-200-2011 and COCO-2014"): the caption-feature
+"""Full-scale concerns (docs/training-at-scale.md): the caption-feature
 cache streams to disk (peak memory flat in the number of captions), the 30,000-pair evaluation
 protocol, and caches built per node for two-node runs with node-local data copies."""
 
@@ -19,7 +19,7 @@ import torch
 from conftest import GAN_TINY, ROOT
 
 from miscc.config import load_config
-from sampling import caption_items, eval_items
+from miscc.protocol import caption_items, eval_items
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

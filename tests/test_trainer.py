@@ -22,11 +22,12 @@ import main as main_cli
 import r_precision as r_precision_cli
 import trainer as trainer_mod
 from miscc.config import ConfigError, load_config
+from miscc.protocol import caption_items
 from miscc.training import NonFiniteLoss
 from miscc.utils import atomic_torch_save, load_checkpoint
 from model import ClipEncoder, resolve_clip_name
 from r_precision import fold_stats, rank_first, rank_first_loop, sample_negatives, score_tree
-from sampling import caption_items, generate_custom, generate_test_set
+from sampling import generate_custom, generate_test_set
 from text_features import TextFeatures, load_frozen_encoder, text_feature_cache
 from trainer import GANTrainer
 

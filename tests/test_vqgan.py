@@ -412,3 +412,13 @@ def test_training_on_a_plain_folder_of_images(tmp_path) -> None:
     fake = sorted(p.relative_to(out / "valid" / "single")
                   for p in (out / "valid" / "single").rglob("*.png"))
     assert len(real) == 4 and real == fake
+
+
+def test_finite_check_runs_after_the_steps(shapes_dir, tmp_path) -> None:
+    from conftest import assert_checked_after_step
+
+    from clipgen.vq_trainer import VQGANTrainer
+
+    trainer = VQGANTrainer(vq_cfg(shapes_dir, tmp_path / "run", *ADVERSARIAL,
+                                  "VQGAN.DISC_START=0"), torch.device("cpu"), progress=False)
+    assert_checked_after_step(trainer, trainer.opt_d)  # the discriminator's steps last
