@@ -95,6 +95,14 @@ def default_config() -> EasyDict:
                 # one attribute both its captions name changed and the captions edited to
                 # match, as an item of its own (the batch holds B minimal pairs, 2B items)
                 "REDRAW_PAIRS": False,
+                # stage-2 minimal pairs (DM-GAN; docs/DESIGN.md §14; need TEXT.WORD_LISTS):
+                # the share of D's mismatched pairs that are the real image with its own caption
+                # edited in one place (0 = as released), and the weight of G's per-item
+                # cross-entropy of the fake image's code over [its caption, its edits] (at
+                # SMOOTH.GAMMA3); MINIMAL_PAIR_EDITS edits per caption are cached (seed SEED)
+                "D_MINIMAL_PAIRS": 0.0,
+                "G_MINIMAL_PAIR_WEIGHT": 0.0,
+                "MINIMAL_PAIR_EDITS": 4,
                 "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
                 # cache file instead of re-encoding the captions every step
                 # DAMSM losses: captions of the same class id are not negatives of each other

@@ -113,3 +113,30 @@ def format_pair_accuracy(result: dict[str, dict[str, float]]) -> str:
     """One line: 'colour 95.0 % (chance 16.7), ...' in category order, then the mean."""
     return ", ".join(f"{k} {100 * v['accuracy']:.1f} % (chance {100 * v['chance']:.1f})"
                      for k, v in result.items())
+
+
+def generated_pair_accuracy(codes: torch.Tensor, captions: list[str], lists: WordLists,
+                            encode_text: Callable[[list[str]], torch.Tensor],
+                            max_images: int = 0, max_variants: int = 0,
+                            seed: int = 0) -> dict[str, dict[str, float]]:
+    """Minimal-pair accuracy of generated images: image m [codes row m] against its own
+    caption `captions[m]` and that caption's one-edit variants. `max_images` > 0 asks that many
+    images, evenly spread over the list (so every test image and template is represented)."""
+    m = len(captions)
+    if max_images > 0 and m > max_images:
+        keep = torch.linspace(0, m - 1, max_images).round().long().unique()
+    else:
+        keep = torch.arange(m)
+    return minimal_pair_accuracy(codes[keep], [[captions[int(i)]] for i in keep], lists,
+                                 encode_text, max_variants, seed)
+
+
+def text_scorer(encoder, tokenizer, device: torch.device) -> Callable[[list[str]], torch.Tensor]:
+    """`encode_text` for the metric from a ClipEncoder and the caption tokenizer: sentence
+    codes [n, D] (float32) of a list of captions."""
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        return encoder.encode_text(tokenizer(texts).to(device))[1].float()
+
+    return encode

@@ -62,3 +62,18 @@ def test_variant_cap_and_image_cap():
 
 def test_no_queries_gives_an_empty_result():
     assert minimal_pair_accuracy(CODES[3:4], [["nothing here"]], LISTS, bag_of_words) == {}
+
+
+def test_generated_images_against_their_own_caption():
+    """Each generated image is asked about its one caption only; max_images spreads the picks
+    evenly: of 5 images, 3 keep rows 0, 2 and 4 (colour hit, miss, tie-miss; no size query)."""
+    from miscc.pair_metric import generated_pair_accuracy
+
+    captions = [c[0] for c in CAPTIONS]
+    result = generated_pair_accuracy(CODES, captions, LISTS, bag_of_words)
+    # image 1 now asks about "a small blue ball" only: colour and size both hit
+    assert result["colour"] == pytest.approx({"accuracy": 0.5, "chance": 1 / 3, "count": 4})
+    assert result["size"] == pytest.approx({"accuracy": 1.0, "chance": 0.5, "count": 1})
+    spread = generated_pair_accuracy(CODES, captions, LISTS, bag_of_words, max_images=3)
+    assert spread == {"colour": pytest.approx({"accuracy": 1 / 3, "chance": 1 / 3, "count": 3}),
+                      "mean": pytest.approx({"accuracy": 1 / 3, "chance": 1 / 3, "count": 3})}
