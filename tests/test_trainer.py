@@ -501,7 +501,7 @@ def test_evaluation_writes_one_image_per_test_caption(gan_cfg, trained, tmp_path
         assert score_tree(cfg, single, CPU, progress=False)["images"] == 108
 
 
-def test_evaluation_scores_minimal_pairs_of_the_generated_images(gan_cfg, trained, encoder_ckpt,
+def test_evaluation_scores_minimal_pairs_of_the_generated_images(gan_cfg, trained, tmp_path,
                                                                   monkeypatch) -> None:
     """With TEXT.WORD_LISTS the evaluation adds the generated images' minimal-pair accuracy
     per category (each image against its own caption's variants) for the training encoder and,
@@ -514,8 +514,12 @@ def test_evaluation_scores_minimal_pairs_of_the_generated_images(gan_cfg, traine
     monkeypatch.setattr(sampling, "generated_pair_accuracy",
                         lambda codes, caps, *a: seen.append((codes, caps)) or real(codes, caps,
                                                                                     *a))
+    torch.manual_seed(1)  # another encoder as the independent scorer
+    other = tmp_path / "other" / "clip1.pth"
+    atomic_torch_save(ClipEncoder(resolve_clip_name("tiny", ""), adapter=True)
+                      .checkpoint_state(), other)
     cfg = gan_cfg(f"TRAIN.NET_G={trained / 'Model'}", "TEXT.WORD_LISTS=shapes",
-                  "EVAL.MINIMAL_PAIR_IMAGES=40", f"EVAL.INDEPENDENT_ENCODER={encoder_ckpt}",
+                  "EVAL.MINIMAL_PAIR_IMAGES=40", f"EVAL.INDEPENDENT_ENCODER={other}",
                   eval_cfg=True)
     result = generate_test_set(cfg, CPU, progress=False)
     for entry in (result["minimal_pairs"], result["independent"]["minimal_pairs"]):
@@ -523,9 +527,9 @@ def test_evaluation_scores_minimal_pairs_of_the_generated_images(gan_cfg, traine
         assert entry["colour"]["count"] == 40 and 0 < entry["colour"]["chance"] < 1
         assert 0 <= entry["mean"]["accuracy"] <= 1
     assert len(seen) == 2 and seen[0][1] == seen[1][1] and len(seen[0][1]) == 120
-    # the same encoder as both scorers: the same codes, the same answers
-    torch.testing.assert_close(seen[0][0], seen[1][0])
-    assert result["minimal_pairs"] == result["independent"]["minimal_pairs"]
+    # each scorer's own image codes of the same 120 images
+    assert seen[0][0].shape == seen[1][0].shape == (120, 64)
+    assert not torch.allclose(seen[0][0], seen[1][0])
     metrics = json.loads((Path(cfg.OUTPUT_DIR) / "metrics.json").read_text())
     assert metrics["minimal_pairs"] == json.loads(json.dumps(result["minimal_pairs"]))
 
