@@ -198,6 +198,11 @@ def default_config() -> EasyDict:
                 "TOP_P": 0.95,  # ... then the smallest top-p share of them
                 "TEMPERATURE": 1.0,
                 "CANDIDATES": 1,  # >1: draw this many per caption, keep the best by CLIP score
+                # what "best" is: condition = cosine with the conditioning embedding; pairs =
+                # cosine with the caption minus the largest cosine with one of its one-edit
+                # variants (TRAIN.MINIMAL_PAIR_EDITS of them; needs TEXT.WORD_LISTS), so the
+                # kept picture shows what tells the caption from its minimal pairs
+                "RERANK": "condition",
                 "CONDITION": "text",  # evaluation prompt: text, or image (each test image's own
                 # embedding: the upper bound that measures the text-image gap)
                 "NET": "",  # a gpt_epoch_<N>.pth (or its Model/) to evaluate; '' = this run's
@@ -245,6 +250,7 @@ LEGACY_KEYS: dict[str, str | None] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.SMOOTH.SIMILARITY": ("dot", "cosine"),
     "CLIPGEN.CONDITION": ("text", "image"),
+    "CLIPGEN.RERANK": ("condition", "pairs"),
     "TRAIN.AMP_DTYPE": ("auto", "bfloat16", "float16"),
 }
 
