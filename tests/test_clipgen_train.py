@@ -245,6 +245,37 @@ def test_draw_images_reranks_by_the_pair_margin(vq_ckpt, tiny_encoder_ckpt) -> N
     assert differs > 0
 
 
+def test_pair_reranker_codes_each_caption_then_its_edits(data_dir, vq_ckpt,
+                                                         tiny_encoder_ckpt, tmp_path) -> None:
+    """CLIPGEN.RERANK pairs: row r holds the encoder's codes of caption (n, c) and of its
+    one-edit variants (seed SEED + n·C + c), mask True on real ones; needs word lists."""
+    from clipgen.generate import pair_reranker
+    from datasets import CaptionTokenizer
+    from miscc.config import ConfigError
+    from miscc.minimal_pairs import load_word_lists, one_edit_negatives
+    from sampling import test_split
+
+    _, _, encoder = tiny_models(vq_ckpt, tiny_encoder_ckpt)
+    cfg = gen_cfg(data_dir, tmp_path, vq_ckpt, tiny_encoder_ckpt, "CLIPGEN.RERANK=pairs",
+                  "CLIPGEN.CANDIDATES=2", "TEXT.WORD_LISTS=shapes",
+                  "TRAIN.MINIMAL_PAIR_EDITS=3")
+    data = test_split(cfg)
+    texts, mask = pair_reranker(cfg, data, encoder, CPU)(torch.tensor([2, 0]),
+                                                         torch.tensor([1, 4]))
+    assert texts.shape == (2, 4, 64) and mask.shape == (2, 3)
+    lists, tokenizer = load_word_lists("shapes"), CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
+    for r, (n, c) in enumerate(((2, 1), (0, 4))):
+        caption = data.info.captions[n][c]
+        edits = one_edit_negatives(caption, lists, 3, int(cfg.SEED) + n * 10 + c)
+        with torch.no_grad():
+            want = encoder.encode_text(tokenizer([caption, *edits]))[1].float()
+        torch.testing.assert_close(texts[r, : 1 + len(edits)], want, atol=1e-5, rtol=1e-5)
+        assert mask[r].tolist() == [i < len(edits) for i in range(3)]
+    cfg.TEXT.WORD_LISTS = ""
+    with pytest.raises(ConfigError, match="TEXT.WORD_LISTS"):
+        pair_reranker(cfg, data, encoder, CPU)
+
+
 # ---------------------------------------------------------------------- training runs
 @pytest.fixture(scope="module")
 def trained(data_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path_factory) -> Path:
