@@ -114,7 +114,8 @@ def test_step_wiring_as_dmgan_cl(gan_cfg, monkeypatch) -> None:
     fake batches' codes; D gets no gradient from the G step."""
     lam, weight = 2.0, 0.3
     trainer = GANTrainer(gan_cfg(f"TRAIN.SMOOTH.LAMBDA={lam}",
-                                 f"TRAIN.CONTRASTIVE_WEIGHT={weight}"), CPU, progress=False)
+                                 f"TRAIN.CONTRASTIVE_WEIGHT={weight}",
+                                 "TRAIN.G_MINIMAL_PAIR_WEIGHT=0"), CPU, progress=False)
     calls: dict[str, list] = {}
 
     def record(name):
@@ -274,7 +275,8 @@ def test_minimal_pair_wrong_replaces_a_share_with_real_edits() -> None:
 
 def test_minimal_pair_switches_need_word_lists(gan_cfg) -> None:
     with pytest.raises(ConfigError, match="TEXT.WORD_LISTS"):
-        GANTrainer(gan_cfg("TRAIN.D_MINIMAL_PAIRS=0.5"), CPU, progress=False)
+        GANTrainer(gan_cfg("TEXT.WORD_LISTS=", "TRAIN.D_MINIMAL_PAIRS=0.5"), CPU,
+                   progress=False)
     with pytest.raises(ConfigError, match="TRAIN.D_MINIMAL_PAIRS is 2.0"):
         GANTrainer(gan_cfg("TEXT.WORD_LISTS=shapes", "TRAIN.D_MINIMAL_PAIRS=2"), CPU,
                    progress=False)
