@@ -332,11 +332,14 @@ class CroppedImages(Dataset):
 
     def __init__(self, keys: list[str], paths: list[Path], boxes: list, split: str,
                  sizes: list[int], views: int = 1, train: bool = True, flip: bool = True,
-                 cache: np.ndarray | None = None, bad: set[str] | None = None) -> None:
+                 cache: np.ndarray | None = None, bad: set[str] | None = None,
+                 random_crop: bool = True) -> None:
         self.keys, self.image_paths, self.boxes = keys, paths, boxes
         self.split, self.sizes, self.views, self.train = split, sorted(sizes), views, train
         self.crop = max(sizes)
-        self.load_size = load_size_for(sizes) if train else self.crop
+        # random_crop=False (TRAIN.RANDOM_CROP): training sees the whole frame at the test
+        # scale, as evaluation does (captions that name size and position stay true)
+        self.load_size = load_size_for(sizes) if train and random_crop else self.crop
         self.flip = train and flip
         self.cache, self.bad = cache, bad or set()
         self._failures: set[int] = set()
@@ -375,17 +378,22 @@ class CroppedImages(Dataset):
         """Images skipped as unreadable so far (this process) plus those the cache marked bad."""
         return len(self._failures) + len(self.bad)
 
-    def _view(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """One crop/flip of a [3, H, W] uint8 image, resized to every scale, in [-1, 1]."""
-        h, w = pixels.shape[1:]
-        if self.train:
-            top = int(torch.randint(0, h - self.crop + 1, ()))
-            left = int(torch.randint(0, w - self.crop + 1, ()))
-        else:
-            top, left = (h - self.crop) // 2, (w - self.crop) // 2
+    def _view_params(self, h: int, w: int) -> tuple[int, int, bool]:
+        """(top, left, mirrored) of one view: a random crop and coin in training (the coin is
+        tossed even with flips off, so both settings see the same crops), the centre crop
+        otherwise."""
+        if not self.train:
+            return (h - self.crop) // 2, (w - self.crop) // 2, False
+        top = int(torch.randint(0, h - self.crop + 1, ()))
+        left = int(torch.randint(0, w - self.crop + 1, ()))
+        return top, left, bool(torch.rand(()) < 0.5) and self.flip
+
+    def _apply_view(self, pixels: torch.Tensor, top: int, left: int,
+                    mirrored: bool) -> list[torch.Tensor]:
+        """The crop at (top, left) of a [3, H, W] uint8 image, mirrored or not, resized to
+        every scale, in [-1, 1]."""
         crop = pixels[:, top: top + self.crop, left: left + self.crop].float()
-        # the coin is tossed even with flips off, so both settings see the same crops
-        if self.train and bool(torch.rand(()) < 0.5) and self.flip:
+        if mirrored:
             crop = crop.flip(-1)
         out = []
         for size in self.sizes:
@@ -395,12 +403,23 @@ class CroppedImages(Dataset):
             out.append((img / 127.5 - 1.0).clamp_(-1.0, 1.0))
         return out
 
+    def _view(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """One crop/flip of a [3, H, W] uint8 image, resized to every scale, in [-1, 1]."""
+        return self._apply_view(pixels, *self._view_params(*pixels.shape[1:]))
+
     def views_of(self, index: int) -> tuple[int, list[torch.Tensor]]:
         """(the index actually read, per size a [views, 3, s, s] tensor) for item `index`."""
+        index, imgs, _ = self.views_with_params(index)
+        return index, imgs
+
+    def views_with_params(self, index: int) -> tuple[int, list[torch.Tensor], list[tuple]]:
+        """`views_of` plus each view's (top, left, mirrored), to transform other pictures (or
+        edit captions) the same way."""
         index, pixels = self._usable(index)
         chw = torch.from_numpy(pixels).permute(2, 0, 1)
-        views = [self._view(chw) for _ in range(self.views)]
-        return index, [torch.stack([v[s] for v in views]) for s in range(len(self.sizes))]
+        params = [self._view_params(*chw.shape[1:]) for _ in range(self.views)]
+        views = [self._apply_view(chw, *p) for p in params]
+        return index, [torch.stack([v[s] for v in views]) for s in range(len(self.sizes))], params
 
 
 class TextImageDataset(CroppedImages):
@@ -410,13 +429,24 @@ class TextImageDataset(CroppedImages):
     one view come from the same crop/flip); tokens [2, L]; cap_idx [2]; class_id; key; index.
     Training items take a random crop/flip and two different random captions; evaluation
     items (train=False) the centre crop and captions (0, 1).
+
+    Minimal pairs (stage 1, docs/DESIGN.md §14; `views` must be 2, caption k goes with view
+    k): with `word_lists`, a mirrored view's caption has left and right exchanged (`flipped`
+    [2] says which); `negatives` = K adds neg_tokens [2, K, L] (one-edit variants of each
+    caption) and neg_mask [2, K]; `negative_pictures` = M (the shapes set only) adds
+    neg_imgs [2, M, 3, S, S] (the picture redrawn by `draw_shape_image` with one attribute its
+    caption names changed, cropped/mirrored like its view; S = the largest size) and
+    neg_img_mask [2, M].
     """
 
     def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
-                 views: int = 1, train: bool = True, use_cache: bool = True) -> None:
+                 views: int = 1, train: bool = True, use_cache: bool = True,
+                 word_lists=None, negatives: int = 0, negative_pictures: int = 0,
+                 redraw_pairs: bool = False) -> None:
         self.info = read_split(cfg, split)
         super().__init__(self.info.keys, self.info.image_paths, self.info.boxes, split, sizes,
-                         views, train, bool(cfg.TRAIN.FLIP))
+                         views, train, bool(cfg.TRAIN.FLIP),
+                         random_crop=bool(cfg.TRAIN.RANDOM_CROP))
         self.class_ids = torch.tensor(self.info.class_ids)
         per_image = int(cfg.TEXT.CAPTIONS_PER_IMAGE)
         self.num_captions = torch.tensor([len(c) for c in self.info.captions])
@@ -427,6 +457,25 @@ class TextImageDataset(CroppedImages):
         if use_cache:
             with contextlib.suppress(FileNotFoundError):
                 self.cache, self.bad = open_image_cache(cfg, split, self.load_size, self.keys)
+        self.tokenizer, self.word_lists = tokenizer, word_lists
+        self.negatives, self.negative_pictures = int(negatives), int(negative_pictures)
+        self.redraw_pairs = bool(redraw_pairs)
+        self._token_memo: dict[str, torch.Tensor] = {}
+        self._drawn: dict[tuple, np.ndarray] = {}
+        if (self.negatives or self.negative_pictures or word_lists is not None) and views != 2:
+            raise ValueError("minimal pairs pair caption k with view k: they need views=2")
+        if (self.negatives or self.negative_pictures or self.redraw_pairs) \
+                and word_lists is None:
+            raise DataError("TRAIN.HARD_NEGATIVES / NEGATIVE_PICTURES / REDRAW_PAIRS need word "
+                            "lists: set TEXT.WORD_LISTS (a stem of cfg/words/, e.g. shapes)")
+        if self.negative_pictures or self.redraw_pairs:
+            missing = {"shape", "colour", "size", "position", "background"} - set(
+                word_lists.categories)
+            if str(cfg.DATASET_NAME) != "shapes" or missing:
+                raise DataError("TRAIN.NEGATIVE_PICTURES / REDRAW_PAIRS redraw pictures with "
+                                "the shapes renderer: they need DATASET_NAME shapes and "
+                                "TEXT.WORD_LISTS shapes (categories shape, colour, size, "
+                                "position, background)")
 
     def _caption_pair(self, index: int) -> torch.Tensor:
         n = int(self.num_captions[index])
@@ -438,10 +487,24 @@ class TextImageDataset(CroppedImages):
         second = (first + 1 + int(torch.randint(0, n - 1, ()))) % n
         return torch.tensor([first, second])
 
+    def _tokens_of(self, caption: str) -> torch.Tensor:
+        """Token ids of a caption made at run time (memoised: edits repeat)."""
+        if caption not in self._token_memo:
+            self._token_memo[caption] = self.tokenizer.encode(caption)
+        return self._token_memo[caption]
+
     def __getitem__(self, index: int) -> dict:
-        index, imgs = self.views_of(index)
-        cap_idx = self._caption_pair(index)
-        return {
+        if self.word_lists is None:
+            index, imgs = self.views_of(index)
+            params = None
+        else:
+            index, imgs, params = self.views_with_params(index)
+        changed = None
+        if self.redraw_pairs:  # the partner's attribute first, then captions that name it
+            changed, cap_idx = self._redraw_choice(index)
+        else:
+            cap_idx = self._caption_pair(index)
+        item = {
             "imgs": imgs,
             "tokens": self.tokens[index, cap_idx],
             "cap_idx": cap_idx,
@@ -449,6 +512,126 @@ class TextImageDataset(CroppedImages):
             "key": self.keys[index],
             "index": index,
         }
+        if params is not None:
+            item.update(self._minimal_pairs(index, cap_idx, params, changed))
+        return item
+
+    def _redraw_choice(self, index: int) -> tuple[str, torch.Tensor]:
+        """(attribute the partner changes, the two captions): the attribute uniform over
+        those the image's captions name, then two different captions naming it (the same one
+        twice when only one does), so both captions of both items tell the pair apart."""
+        named = [set(self.word_lists.named(c)) for c in self.info.captions[index]]
+        attributes = sorted(set().union(*named) & set(SHAPE_ATTRIBUTES))
+        attribute = attributes[int(torch.randint(0, len(attributes), ()))]
+        naming = [i for i, n in enumerate(named) if attribute in n]
+        first = int(torch.randint(0, len(naming), ()))
+        second = (first + 1 + int(torch.randint(0, max(len(naming) - 1, 1), ()))) % len(naming)
+        return attribute, torch.tensor([naming[first], naming[second]])
+
+    def _minimal_pairs(self, index: int, cap_idx: torch.Tensor, params: list[tuple],
+                       changed: str | None = None) -> dict:
+        """Flipped captions, negative captions and redrawn pictures of one item (above)."""
+        from miscc.minimal_pairs import one_edit_negatives
+
+        lists, k, m = self.word_lists, self.negatives, self.negative_pictures
+        originals = [self.info.captions[index][int(c)] for c in cap_idx]
+        flipped = [p[2] for p in params]
+        captions = [lists.flip(c) if f else c for c, f in zip(originals, flipped, strict=True)]
+        out: dict = {"flipped": torch.tensor(flipped),
+                     "tokens": torch.stack([self._tokens_of(c) for c in captions])}
+        if changed is not None:
+            out.update(self._redraw_pair(index, originals, params, changed))
+        if k:
+            neg_tokens = torch.zeros(2, k, self.tokenizer.context, dtype=torch.long)
+            neg_mask = torch.zeros(2, k, dtype=torch.bool)
+            for v, caption in enumerate(captions):
+                seed = int(torch.randint(0, 2**31 - 1, ()))
+                for j, text in enumerate(one_edit_negatives(caption, lists, k, seed)):
+                    neg_tokens[v, j], neg_mask[v, j] = self._tokens_of(text), True
+            out.update(neg_tokens=neg_tokens, neg_mask=neg_mask)
+        if m:
+            size = self.crop
+            neg_imgs = torch.zeros(2, m, 3, size, size)
+            neg_img_mask = torch.zeros(2, m, dtype=torch.bool)
+            truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
+            for v, caption in enumerate(captions):
+                edits = _picture_edits(truth, lists.named(caption), m,
+                                       int(torch.randint(0, 2**31 - 1, ())))
+                for j, attrs in enumerate(edits):
+                    chw = torch.from_numpy(self._redraw(attrs)).permute(2, 0, 1)
+                    neg_imgs[v, j] = self._apply_view(chw, *params[v])[-1]
+                    neg_img_mask[v, j] = True
+            out.update(neg_imgs=neg_imgs, neg_img_mask=neg_img_mask)
+        return out
+
+    def _redraw_pair(self, index: int, originals: list[str], params: list[tuple],
+                     attribute: str) -> dict:
+        """The item's partner (TRAIN.REDRAW_PAIRS): the picture redrawn with `attribute`
+        (named by both captions) changed, in the same two views, with both captions edited
+        to match: redraw_imgs [2, 3, S, S], redraw_tokens [2, L], redraw_class (its class)."""
+        from miscc.minimal_pairs import with_value
+
+        lists = self.word_lists
+        truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
+        edits = _picture_edits(truth, {attribute: []}, 1, int(torch.randint(0, 2**31 - 1, ())))
+        attrs = edits[0] if edits else truth
+        changed = [a for a in truth if attrs[a] != truth[a]]
+        captions = [with_value(c, lists, changed[0], attrs[changed[0]]) if changed else c
+                    for c in originals]
+        captions = [lists.flip(c) if p[2] else c for c, p in zip(captions, params, strict=True)]
+        chw = torch.from_numpy(self._redraw(attrs)).permute(2, 0, 1)
+        cls = SHAPES.index(attrs["shape"]) * len(COLOURS) + list(COLOURS).index(
+            attrs["colour"]) + 1
+        return {"redraw_imgs": torch.stack([self._apply_view(chw, *p)[-1] for p in params]),
+                "redraw_tokens": torch.stack([self._tokens_of(c) for c in captions]),
+                "redraw_class": torch.tensor(cls)}
+
+    def _redraw(self, attrs: dict[str, str]) -> np.ndarray:
+        """A shapes picture with these attributes as the data set stores it (drawn at the
+        set's size, JPEG at quality 95, decoded and resized like `load_image`), memoised."""
+        import io
+
+        key = tuple(attrs[a] for a in SHAPE_ATTRIBUTES)
+        if key not in self._drawn:
+            with Image.open(self.image_paths[0]) as first:
+                side = first.size[0]
+            buffer = io.BytesIO()
+            draw_shape_image(*key, side).save(buffer, format="JPEG", quality=95)
+            buffer.seek(0)
+            with Image.open(buffer) as img:
+                self._drawn[key] = np.array(square_resize(img.convert("RGB"), self.load_size),
+                                            dtype=np.uint8)
+        return self._drawn[key]
+
+
+def _picture_edits(truth: dict[str, str], named: dict[str, list[str]], m: int,
+                   seed: int) -> list[dict[str, str]]:
+    """Up to m attribute sets of a shapes picture (`truth`: attribute -> value) with one
+    attribute its caption names changed: categories take turns in a seeded order, values are
+    drawn without repeats, and combinations the data set never draws (a purple or blue shape
+    on black) are skipped."""
+    import random
+
+    rng = random.Random(seed)
+    values = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
+              "position": list(POSITIONS), "background": list(BACKGROUNDS)}
+    pools = []
+    for attribute in sorted(set(named) & set(truth)):
+        pool = []
+        for value in values[attribute]:
+            attrs = {**truth, attribute: value}
+            if value != truth[attribute] and not (attrs["background"] == "black"
+                                                  and attrs["colour"] in ("purple", "blue")):
+                pool.append(attrs)
+        rng.shuffle(pool)
+        pools.append(pool)
+    rng.shuffle(pools)
+    out: list[dict[str, str]] = []
+    while len(out) < m and any(pools):
+        for pool in pools:
+            if pool and len(out) < m:
+                out.append(pool.pop())
+    return out
 
 
 class SplitImages(Dataset):
@@ -481,6 +664,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220),
 SIZES = {"small": 0.19, "medium": 0.25, "large": 0.31}
 POSITIONS = {"top left": (0.33, 0.33), "top right": (0.67, 0.33), "bottom left": (0.33, 0.67),
              "bottom right": (0.67, 0.67), "center": (0.5, 0.5)}
+SHAPE_ATTRIBUTES = ("shape", "colour", "size", "position", "background")  # draw_shape_image's
 SHAPES_VERSION = 2  # bump when the pictures change: prepare_data.py then rewrites old sets
 BACKGROUNDS = {"white": ((255, 255, 255),), "black": ((20, 20, 20),),
                "gray": ((150, 150, 150),), "white and gray": ((255, 255, 255), (150, 150, 150)),

@@ -1,5 +1,5 @@
 """Draw typed captions with a trained generator, DM-GAN or CLIP-GEN, found from its run folder
-or checkpoint (docs/DESIGN.md §14). `draw` is the seam `generate.py` (and any other front end)
+or checkpoint (docs/DESIGN.md §15). `draw` is the seam `generate.py` (and any other front end)
 calls: captions in, uint8 pixels out, the same pixels for the same seed.
 """
 

@@ -86,7 +86,8 @@ def cmd_check(cfg) -> int:
 def cmd_cache(cfg) -> None:
     """Build the memory-mapped caches the training/evaluation datasets will read."""
     sizes = image_sizes(cfg)
-    for split, size in (("train", load_size_for(sizes)), ("test", max(sizes))):
+    train_size = load_size_for(sizes) if cfg.TRAIN.RANDOM_CROP else max(sizes)
+    for split, size in (("train", train_size), ("test", max(sizes))):
         index = build_image_cache(cfg, split, size)
         print(f"[{split}] cached {len(index['keys'])} images at {size}px "
               f"({len(index['bad'])} unreadable)")

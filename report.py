@@ -154,6 +154,30 @@ def judge_rows(metrics: dict | None) -> list[str]:
     return rows
 
 
+def pair_rows(metrics: dict | None) -> list[str]:
+    """The generated images' minimal-pair accuracy (Markdown lines; none without it): per word
+    category, % of images whose own caption scores above every one-edit variant of it, for the
+    training encoder and the independent scorer, with chance."""
+    scorers = [(title, (entry or {}).get("minimal_pairs")) for title, entry in
+               (("training encoder", metrics), ("independent scorer",
+                                                 (metrics or {}).get("independent")))]
+    scorers = [(t, p) for t, p in scorers if p]
+    if not scorers:
+        return []
+    categories = list(dict.fromkeys(k for _, p in scorers for k in p))
+    rows = ["Minimal pairs (`miscc/pair_metric.py`): % of generated images whose own caption "
+            "scores above every variant with one word of the category changed.", "",
+            "| scorer | " + " | ".join(categories) + " |",
+            "| --- |" + " --- |" * len(categories)]
+    for title, pairs in scorers:
+        rows.append(f"| {title} | " + " | ".join(_pct(pairs.get(k), "accuracy")
+                                                for k in categories) + " |")
+    first = scorers[0][1]
+    rows.append("| chance | " + " | ".join(_pct(first.get(k), "chance") for k in categories)
+                + " |")
+    return rows
+
+
 def picture_lines(heading: str, found: Path | None, out: Path, name: str) -> list[str]:
     """A report section showing the PNG `found` (copied to `out/name`), or saying it is
     missing."""
@@ -189,6 +213,12 @@ def comparison_rows(columns: list[tuple[str, dict | None, dict | None]]) -> list
     for key, title in JUDGE_COLUMNS:
         rows.append(row(f"judge: {title} (%)", lambda m, f, k=key: _pct((m or {}).get("judge"),
                                                                          k)))
+    rows.append(row("minimal pairs, training encoder (%)",
+                    lambda m, f: _pct((m or {}).get("minimal_pairs", {}).get("mean"),
+                                      "accuracy")))
+    rows.append(row("minimal pairs, independent scorer (%)",
+                    lambda m, f: _pct(((m or {}).get("independent") or {})
+                                      .get("minimal_pairs", {}).get("mean"), "accuracy")))
     rows.append(row("FID", lambda m, f: f"{f['fid']:.2f}" if f and "fid" in f else "–"))
     rows.append(row("Inception Score", lambda m, f: f"{f['is_mean']:.2f}"
                     if f and "is_mean" in f else "–"))
@@ -252,6 +282,9 @@ def build_report(stage1_dir: Path, stage2_dir: Path, out: Path, metrics_file: Pa
     judge = judge_rows(metrics)
     if judge:
         lines += ["", *judge]
+    pairs = pair_rows(metrics)
+    if pairs:
+        lines += ["", *pairs]
     if fid is None or isc is None:
         lines += ["", FID_HINT]
     lines.append("")

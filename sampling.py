@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from datasets import CaptionTokenizer, DataError, TextImageDataset, image_sizes
 from miscc.judge import EvalJudge
+from miscc.minimal_pairs import word_lists_for
+from miscc.pair_metric import format_pair_accuracy, generated_pair_accuracy, text_scorer
 from miscc.pictures import save_caption_grid, save_png_file, to_uint8
 from miscc.protocol import eval_items
 from miscc.training import inference_precision, resolve_checkpoint
@@ -121,10 +123,13 @@ def evaluate_test_set(cfg, device: torch.device, encoder: ClipEncoder, data: Tex
         result = score_generated(all_codes, all_items, text.sent, data.class_ids,
                                  data.num_captions, seed=int(cfg.SEED))
         result.update(path=str(out_dir), **source, processes=world, protocol=protocol)
+        other_codes_all = all_extra.pop(0) if other is not None else None
         if other is not None:
             result["independent"] = independent_entry(
-                other_info, all_extra.pop(0), all_items, other_text.sent, data.class_ids,
+                other_info, other_codes_all, all_items, other_text.sent, data.class_ids,
                 data.num_captions, int(cfg.SEED))
+        add_pair_accuracy(cfg, result, data, all_items, all_codes, encoder, other_codes_all,
+                          other, device)
         if judge is not None:
             result.update(judge.metrics(all_items, all_extra.pop(0)))
         metrics = out_root / "metrics.json"
@@ -133,6 +138,30 @@ def evaluate_test_set(cfg, device: torch.device, encoder: ClipEncoder, data: Tex
               f"and {metrics}")
     barrier()
     return result
+
+
+def add_pair_accuracy(cfg, result: dict, data: TextImageDataset, items: torch.Tensor,
+                      codes: torch.Tensor, encoder: ClipEncoder,
+                      other_codes: torch.Tensor | None, other: ClipEncoder | None,
+                      device: torch.device) -> None:
+    """With TEXT.WORD_LISTS: the generated images' minimal-pair accuracy (docs/DESIGN.md §14),
+    each image against its own caption's one-edit variants, scored by the training encoder
+    (`result["minimal_pairs"]`) and by the independent scorer
+    (`result["independent"]["minimal_pairs"]`); both generators' evaluations come here."""
+    lists = word_lists_for(cfg)
+    if lists is None or not len(items):
+        return
+    captions = [data.info.captions[i][k] for i, k in items.tolist()]
+    e = cfg.EVAL
+    scorers = [(result, codes, encoder, "training encoder")]
+    if other is not None and other_codes is not None:
+        scorers.append((result["independent"], other_codes, other, "independent scorer"))
+    for entry, scorer_codes, scorer, title in scorers:
+        entry["minimal_pairs"] = generated_pair_accuracy(
+            scorer_codes, captions, lists, text_scorer(scorer, data.tokenizer, device),
+            int(e.MINIMAL_PAIR_IMAGES), int(e.MINIMAL_PAIR_VARIANTS), int(cfg.SEED))
+        print(f"minimal pairs, generated images, {title}: "
+              f"{format_pair_accuracy(entry['minimal_pairs'])}")
 
 
 @torch.no_grad()

@@ -132,3 +132,57 @@ def text_feature_cache(cfg, split: str, tokens: torch.Tensor, encoder: ClipEncod
     # [N·C, L, D] as streamed (a cache of an earlier version holds [N, C, L, D]: both read)
     return TextFeatures(words.reshape(n, c, *words.shape[-2:]),
                         np.array(sent).reshape(n, c, -1), np.array(mask).reshape(n, c, -1))
+
+
+# ------------------------------------------------------------------- one-edit caption features
+class EditFeatures:
+    """Sentence features [N, C, K, D] and mask [N, C, K] (True = a real edit) of K one-edit
+    variants of every caption of a split (docs/DESIGN.md §14), indexed like `TextFeatures`."""
+
+    def __init__(self, sent: np.ndarray, mask: np.ndarray) -> None:
+        self.sent, self.mask = torch.from_numpy(sent), torch.from_numpy(mask)
+
+    def lookup(self, index: torch.Tensor, cap: torch.Tensor) -> tuple:
+        """(sent [B, K, D] float32, mask [B, K] bool) of the given captions' edits."""
+        return self.sent[index, cap].float(), self.mask[index, cap]
+
+
+def edit_feature_cache(cfg, split: str, captions: list[list[str]], tokenizer, lists, k: int,
+                       encoder: ClipEncoder, device: torch.device, seed: int | None = None,
+                       progress: bool = True) -> EditFeatures:
+    """Open (or build once per node) the frozen text tower's sentence features of K one-edit
+    variants (`negatives_with_mask`, seed = SEED) of every caption of a split.
+
+    Caption c of image n is edited with seed + n·C + c; a caption with fewer than K edits is
+    padded with itself (mask False). Key: encoder weights + split + the captions + the word
+    lists + K + seed, so a changed list or seed builds a new cache."""
+    from miscc.minimal_pairs import negatives_with_mask
+
+    seed = int(cfg.SEED) if seed is None else int(seed)
+    per_image = int(cfg.TEXT.CAPTIONS_PER_IMAGE)
+    n = len(captions)
+    flat = [caps[c] if c < len(caps) else "" for caps in captions for c in range(per_image)]
+    payload = json.dumps({"split": split, "captions": flat, "k": int(k), "seed": seed,
+                          "lists": [lists.categories, lists.swap, lists.flip_pairs],
+                          "words_num": int(cfg.TEXT.WORDS_NUM)}, default=str).encode()
+    key = hashlib.sha256(encoder_digest(encoder).encode() + payload).hexdigest()[:16]
+    folder = feature_cache_root(cfg) / f"edits_{split}_{key}"
+    meta = folder / "meta.json"
+    if is_local_main_process() and not meta.is_file():
+        rows, mask = negatives_with_mask(flat, lists, int(k), seed)
+        texts = [t for row in rows for t in row]
+        d = encoder.embed_dim
+        specs = {"sent": ((len(texts), d), np.float32), "mask": (tuple(mask.shape), np.bool_)}
+        with streamed_arrays(folder, specs) as out, inference_precision(cfg, device), \
+                torch.no_grad():
+            out["mask"].write(mask.numpy())
+            for start in tqdm(range(0, len(texts), 256), desc="edited caption features",
+                              disable=not progress, leave=False):
+                tokens = tokenizer(texts[start: start + 256]).to(device)
+                out["sent"].write(encoder.encode_text(tokens)[1].float().cpu().numpy())
+        atomic_write_bytes(meta, json.dumps({"split": split, "shape": [n, per_image, int(k)],
+                                             "seed": seed}).encode())
+    barrier()
+    sent = np.array(np.load(folder / "sent.npy")).reshape(n, per_image, int(k), -1)
+    mask = np.load(folder / "mask.npy").reshape(n, per_image, int(k))
+    return EditFeatures(sent, mask)

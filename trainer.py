@@ -19,15 +19,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets import CaptionTokenizer, DataError, TextImageDataset, image_sizes
-from miscc.config import to_plain
+from miscc.config import ConfigError, to_plain
 from miscc.losses import (
     discriminator_loss,
     generator_adv_loss,
     kl_loss,
+    minimal_pair_loss,
     nt_xent,
     sent_loss,
     words_loss,
 )
+from miscc.minimal_pairs import word_lists_for
 from miscc.training import (
     EpochTrainer,
     check_replicas,
@@ -55,9 +57,25 @@ from model import (
     init_gan_weights,
     load_generator,
 )
-from text_features import load_frozen_encoder, text_feature_cache
+from text_features import edit_feature_cache, load_frozen_encoder, text_feature_cache
 
 STATE_FORMAT = "dmgan-train-state/2"  # /2: released DM-GAN networks (model.GENERATOR_FORMAT)
+
+
+# ---------------------------------------------------------------------------- minimal pairs
+def minimal_pair_wrong(wrong: torch.Tensor, edits: torch.Tensor, mask: torch.Tensor,
+                       share: float, generator: torch.Generator) -> torch.Tensor:
+    """D's mismatched sentences [N, D] with a `share` of the rows (each independently, drawn
+    from `generator`) replaced by one of their own caption's edits (edits [N, K, D], mask
+    [N, K]; uniform over the real ones): the same real image, its caption changed in one place
+    (docs/DESIGN.md §14). Rows without a real edit keep the other image's caption."""
+    n, k = mask.shape
+    take = (torch.rand(n, generator=generator) < share).to(mask.device) & mask.any(1)
+    # uniform over the real edits: the largest of uniform keys among the allowed slots
+    keys = torch.rand(n, k, generator=generator).to(mask.device).masked_fill(~mask, -1.0)
+    choice = keys.argmax(1)
+    picked = edits[torch.arange(n, device=edits.device), choice].to(wrong.dtype)
+    return torch.where(take[:, None], picked, wrong)
 
 
 # ---------------------------------------------------------------------------------- trainer
@@ -82,6 +100,7 @@ class GANTrainer(EpochTrainer):
         self.text = (text_feature_cache(cfg, "train", self.dataset.tokens, self.encoder, device,
                                         self.progress) if cfg.TRAIN.TEXT_CACHE else None)
 
+        self.edits = self._edit_features(tokenizer)
         self.arch = gan_arch(cfg, self.encoder.embed_dim)
         torch.manual_seed(int(cfg.SEED))
         netG = Generator(self.arch)
@@ -109,6 +128,26 @@ class GANTrainer(EpochTrainer):
         self._setup_samples(tokenizer)
 
     # ------------------------------------------------------------------ setup helpers
+    def _edit_features(self, tokenizer: CaptionTokenizer):
+        """The cached sentence features of every training caption's one-edit variants when
+        TRAIN.D_MINIMAL_PAIRS or G_MINIMAL_PAIR_WEIGHT asks for them (docs/DESIGN.md §14)."""
+        t = self.cfg.TRAIN
+        share, weight = float(t.D_MINIMAL_PAIRS), float(t.G_MINIMAL_PAIR_WEIGHT)
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"TRAIN.D_MINIMAL_PAIRS is {share}: expected a share in [0, 1]")
+        if share == 0.0 and weight == 0.0:
+            return None
+        lists = word_lists_for(self.cfg)
+        if lists is None:
+            raise ConfigError("TRAIN.D_MINIMAL_PAIRS / G_MINIMAL_PAIR_WEIGHT edit captions: "
+                              "set TEXT.WORD_LISTS (a stem of cfg/words/, e.g. shapes)")
+        if int(t.MINIMAL_PAIR_EDITS) < 1:
+            raise ConfigError(f"TRAIN.MINIMAL_PAIR_EDITS is {t.MINIMAL_PAIR_EDITS}: expected "
+                              f"at least 1 edit per caption")
+        return edit_feature_cache(self.cfg, "train", self.dataset.info.captions, tokenizer,
+                                  lists, int(t.MINIMAL_PAIR_EDITS), self.encoder, self.device,
+                                  progress=self.progress)
+
     def _setup_samples(self, tokenizer: CaptionTokenizer) -> None:
         """Fixed captions (spread over the test split) and fixed noise for the sample grids."""
         from datasets import read_split
@@ -213,6 +252,13 @@ class GANTrainer(EpochTrainer):
         with self._autocast():
             fakes, mu, logvar = self.netG(z, sent, words, mask, eps)
         wrong = torch.cat([sent[h].roll(1, dims=0) for h in halves])  # another image's caption
+        if self.edits is not None:
+            cap = batch["cap_idx"]
+            edit_sent, edit_mask = (t.to(dev) for t in self.edits.lookup(
+                batch["index"].repeat(2), torch.cat([cap[:, 0], cap[:, 1]])))
+            if float(cfg.TRAIN.D_MINIMAL_PAIRS) > 0:
+                wrong = minimal_pair_wrong(wrong, edit_sent, edit_mask,
+                                           float(cfg.TRAIN.D_MINIMAL_PAIRS), noise)
         values: dict[str, torch.Tensor] = {}
 
         # discriminators: the real image with both its captions and with two wrong ones; fakes
@@ -239,23 +285,29 @@ class GANTrainer(EpochTrainer):
                 fu, fc, _ = unwrap(netD)(fakes[i], sent)
                 adv = adv + sum(generator_adv_loss(fu[h], fc[h]) for h in halves)
             regions, code = self.encoder.encode_image(fakes[-1])
-            words_total = sent_total = kl = torch.zeros((), device=dev)
+            words_total = sent_total = kl = pairs = torch.zeros((), device=dev)
             for h in halves:
                 w0, w1, _ = words_loss(words[h], mask[h], regions[h], class_ids, sm.GAMMA1,
                                        sm.GAMMA2, sm.GAMMA3, attngan_score=sm.ATTNGAN_SCORE,
                                        similarity=sm.SIMILARITY)
                 s0, s1 = sent_loss(code[h], sent[h], class_ids, sm.GAMMA3)
+                if float(cfg.TRAIN.G_MINIMAL_PAIR_WEIGHT) > 0:
+                    pairs = pairs + minimal_pair_loss(code[h], sent[h], edit_sent[h],
+                                                      edit_mask[h], sm.GAMMA3)
                 words_total = words_total + w0 + w1
                 sent_total = sent_total + s0 + s1
                 kl = kl + kl_loss(mu[h].float(), logvar[h].float())
             damsm = (words_total + sent_total) * sm.LAMBDA
             contrastive = nt_xent(code[:b], code[b:], cfg.TRAIN.TEMPERATURE) \
                 * cfg.TRAIN.CONTRASTIVE_WEIGHT
-            g_loss = adv + damsm + kl + contrastive
+            g_loss = adv + damsm + kl + contrastive \
+                + pairs * float(cfg.TRAIN.G_MINIMAL_PAIR_WEIGHT)
         for netD in self.netDs:
             unwrap(netD).requires_grad_(True)
         values.update(G=g_loss, G_adv=adv, DAMSM_words=words_total, DAMSM_sent=sent_total, KL=kl,
                       contrastive=contrastive)
+        if float(cfg.TRAIN.G_MINIMAL_PAIR_WEIGHT) > 0:
+            values["G_pairs"] = pairs
         self.optG.zero_grad(set_to_none=True)
         self.scaler.scale(g_loss).backward()
         self.scaler.step(self.optG)

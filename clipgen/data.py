@@ -132,7 +132,8 @@ class TokenizerImages(CroppedImages):
                             split)
             boxes = [None] * len(keys)
         size = max(image_sizes(cfg))
-        super().__init__(keys, paths, boxes, split, [size], 1, train, bool(cfg.TRAIN.FLIP))
+        super().__init__(keys, paths, boxes, split, [size], 1, train, bool(cfg.TRAIN.FLIP),
+                         random_crop=bool(cfg.TRAIN.RANDOM_CROP))
         if use_cache and self.layout:
             with contextlib.suppress(FileNotFoundError, DataError):
                 self.cache, self.bad = open_image_cache(cfg, split, self.load_size, self.keys)

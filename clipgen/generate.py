@@ -7,6 +7,7 @@ under `<OUTPUT_DIR>/image_condition/`). metrics.json also gets the modality gap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from clipgen.models import GPT_PATTERN, draw_images, load_gpt, load_tokenizer, s
 from clipgen.trainer import encoder_name
 from clipgen.vqgan import VQModel
 from datasets import DataError, TextImageDataset
+from miscc.config import ConfigError
+from miscc.minimal_pairs import one_edit_negatives, word_lists_for
 from miscc.training import inference_precision, resolve_checkpoint
 from miscc.utils import is_main_process
 from model import ClipEncoder
@@ -73,6 +76,34 @@ def modality_gap(encoder: ClipEncoder, data: TextImageDataset, sent: torch.Tenso
 
 
 @torch.no_grad()
+def pair_reranker(cfg, data: TextImageDataset, encoder: ClipEncoder, device: torch.device
+                  ) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
+    """With CLIPGEN.RERANK pairs (and CANDIDATES > 1): (image indices, caption indices) ->
+    the `draw_images` pair_texts of those captions: the encoder's codes of each caption and
+    its TRAIN.MINIMAL_PAIR_EDITS one-edit variants (seed SEED + n·C + c), and their mask."""
+    c = cfg.CLIPGEN
+    if str(c.RERANK) != "pairs" or int(c.CANDIDATES) <= 1:
+        return None
+    lists = word_lists_for(cfg)
+    if lists is None:
+        raise ConfigError("CLIPGEN.RERANK pairs ranks candidates against one-edit variants of "
+                          "the caption: set TEXT.WORD_LISTS (a stem of cfg/words/, e.g. shapes)")
+    k, per_image = int(cfg.TRAIN.MINIMAL_PAIR_EDITS), int(cfg.TEXT.CAPTIONS_PER_IMAGE)
+
+    @torch.no_grad()
+    def texts_of(idx: torch.Tensor, cap: torch.Tensor) -> tuple:
+        rows, mask = [], torch.zeros(len(idx), k, dtype=torch.bool)
+        for r, (i, j) in enumerate(zip(idx.tolist(), cap.tolist(), strict=True)):
+            caption = data.info.captions[i][j]
+            edits = one_edit_negatives(caption, lists, k, int(cfg.SEED) + i * per_image + j)
+            mask[r, : len(edits)] = True
+            rows += [caption, *edits, *[caption] * (k - len(edits))]
+        codes = encoder.encode_text(data.tokenizer(rows).to(device))[1].float()
+        return codes.view(len(idx), 1 + k, -1), mask
+
+    return texts_of
+
+
 def evaluate(cfg, device: torch.device, progress: bool = True,
              models: tuple[CondGPT, VQModel, ClipEncoder, str] | None = None) -> dict | None:
     """Draw and score the test split (CLIPGEN.CONDITION text or image) with `models` (the
@@ -86,17 +117,20 @@ def evaluate(cfg, device: torch.device, progress: bool = True,
     data = test_split(cfg)
     condition = str(cfg.CLIPGEN.CONDITION)
 
+    rerank = pair_reranker(cfg, data, encoder, device)
+
     def make_images(pairs: torch.Tensor, idx: torch.Tensor, cap: torch.Tensor,
                     text: tuple) -> torch.Tensor:
         cond = (text[1] if condition == "text" else
                 encoder.encode_image(test_images(data, idx).to(device))[1].float())
-        return draw_images(cfg, gpt, vq, cond, pairs, encoder)
+        return draw_images(cfg, gpt, vq, cond, pairs, encoder,
+                           rerank(idx, cap) if rerank is not None else None)
 
     c = cfg.CLIPGEN
     source = {"generator": "CLIP-GEN", "checkpoint": str(path), "condition": condition,
               "sampling": {"top_k": int(c.TOP_K), "top_p": float(c.TOP_P),
                            "temperature": float(c.TEMPERATURE),
-                           "candidates": int(c.CANDIDATES)}}
+                           "candidates": int(c.CANDIDATES), "rerank": str(c.RERANK)}}
     with inference_precision(cfg, device):
         text = text_feature_cache(cfg, "test", data.tokens, encoder, device, progress)
         if is_main_process():

@@ -99,13 +99,24 @@ def load_gpt(path: Path, expect: dict) -> CondGPT:
     return gpt
 
 
+def pair_margin(codes: torch.Tensor, texts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Re-ranking score [M] of image codes [M, D] against text codes [M, 1 + K, D] (the
+    caption, then its one-edit variants; mask [M, K], True = a real variant): cos(code,
+    caption) − the largest cos(code, variant); cos(code, caption) alone without variants."""
+    cos = F.cosine_similarity(codes.float()[:, None], texts.float(), dim=-1)
+    worst = cos[:, 1:].masked_fill(~mask, float("-inf")).amax(1)
+    return cos[:, 0] - torch.where(mask.any(1), worst, torch.zeros_like(worst))
+
+
 @torch.no_grad()
 def draw_images(cfg, gpt: CondGPT, vq: VQModel, cond: torch.Tensor, ids: torch.Tensor,
-                encoder: ClipEncoder | None = None) -> torch.Tensor:
+                encoder: ClipEncoder | None = None,
+                pair_texts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Images [B, 3, R, R] in [-1, 1] for conditioning embeddings cond [B, E]; row b's draw
     depends only on (SEED, ids[b]). With CLIPGEN.CANDIDATES N > 1 (and an encoder), N are
     drawn per row (ids b·N + j) and the one whose CLIP image embedding is closest to its
-    condition is kept (CLIP-GEN's re-ranking)."""
+    condition is kept (CLIP-GEN's re-ranking); with `pair_texts` (text codes [B, 1 + K, D] of
+    each row's caption and its one-edit variants, mask [B, K]) the best `pair_margin`."""
     c, side = cfg.CLIPGEN, vq.arch.tokens_side
     ids = ids.to(cond.device)
     n = max(1, int(c.CANDIDATES)) if encoder is not None else 1
@@ -122,6 +133,11 @@ def draw_images(cfg, gpt: CondGPT, vq: VQModel, cond: torch.Tensor, ids: torch.T
         if n == 1:
             return images
         codes = encoder.encode_image(images)[1].float()
-    scores = F.cosine_similarity(codes, cond.float(), dim=-1)
+    if pair_texts is None:
+        scores = F.cosine_similarity(codes, cond.float(), dim=-1)
+    else:
+        texts, mask = pair_texts
+        scores = pair_margin(codes, texts.repeat_interleave(n, 0).to(codes.device),
+                             mask.repeat_interleave(n, 0).to(codes.device))
     best = scores.view(-1, n).argmax(1)
     return images.view(-1, n, *images.shape[1:])[torch.arange(len(best)), best]

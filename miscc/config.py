@@ -77,6 +77,32 @@ def default_config() -> EasyDict:
                 "USE_CACHE": True,  # read the prepare_data.py image cache when it exists
                 "FLIP": True,  # random horizontal flips in training (off when captions name
                 # left/right, as in the shapes set)
+                # AttnGAN's training crop: load at 76/64 of the size, cut a random crop back.
+                # False: the whole frame at the test scale (where captions name size and
+                # position the crop would contradict them: docs/DESIGN.md §14)
+                "RANDOM_CROP": True,
+                # stage-1 minimal pairs (docs/DESIGN.md §14; need TEXT.WORD_LISTS): K one-edit
+                # negative captions per caption, M pictures redrawn with one named attribute
+                # changed (shapes set only); both join the DAMSM sentence loss as negatives of
+                # their own item (HARD_NEGATIVES_IN_DAMSM) and a per-item cross-entropy at
+                # HARD_NEGATIVE_SCALE, weighted by HARD_NEGATIVE_WEIGHT
+                "HARD_NEGATIVES": 0,
+                "NEGATIVE_PICTURES": 0,
+                "HARD_NEGATIVE_WEIGHT": 1.0,
+                "HARD_NEGATIVE_SCALE": 10.0,
+                "HARD_NEGATIVES_IN_DAMSM": True,
+                # shapes set: every training item brings a partner, its picture redrawn with
+                # one attribute both its captions name changed and the captions edited to
+                # match, as an item of its own (the batch holds B minimal pairs, 2B items)
+                "REDRAW_PAIRS": False,
+                # stage-2 minimal pairs (DM-GAN; docs/DESIGN.md §14; need TEXT.WORD_LISTS):
+                # the share of D's mismatched pairs that are the real image with its own caption
+                # edited in one place (0 = as released), and the weight of G's per-item
+                # cross-entropy of the fake image's code over [its caption, its edits] (at
+                # SMOOTH.GAMMA3); MINIMAL_PAIR_EDITS edits per caption are cached (seed SEED)
+                "D_MINIMAL_PAIRS": 0.0,
+                "G_MINIMAL_PAIR_WEIGHT": 0.0,
+                "MINIMAL_PAIR_EDITS": 4,
                 "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
                 # cache file instead of re-encoding the captions every step
                 # DAMSM losses: captions of the same class id are not negatives of each other
@@ -105,6 +131,10 @@ def default_config() -> EasyDict:
                 "EMBEDDING_DIM": 512,
                 "CAPTIONS_PER_IMAGE": 10,
                 "WORDS_NUM": 30,  # BPE word tokens kept per caption (context = WORDS_NUM + 2)
+                # word categories for minimal pairs (docs/DESIGN.md §14): a stem of
+                # cfg/words/ (shapes, cub, coco) or a .yml path; '' = none (no one-edit
+                # negatives, no left/right swap on flips, no minimal-pair accuracy)
+                "WORD_LISTS": "",
             },
             "CLIP": {
                 "MODEL": "ViT-B/32",
@@ -168,6 +198,11 @@ def default_config() -> EasyDict:
                 "TOP_P": 0.95,  # ... then the smallest top-p share of them
                 "TEMPERATURE": 1.0,
                 "CANDIDATES": 1,  # >1: draw this many per caption, keep the best by CLIP score
+                # what "best" is: condition = cosine with the conditioning embedding; pairs =
+                # cosine with the caption minus the largest cosine with one of its one-edit
+                # variants (TRAIN.MINIMAL_PAIR_EDITS of them; needs TEXT.WORD_LISTS), so the
+                # kept picture shows what tells the caption from its minimal pairs
+                "RERANK": "condition",
                 "CONDITION": "text",  # evaluation prompt: text, or image (each test image's own
                 # embedding: the upper bound that measures the text-image gap)
                 "NET": "",  # a gpt_epoch_<N>.pth (or its Model/) to evaluate; '' = this run's
@@ -184,6 +219,10 @@ def default_config() -> EasyDict:
                 # or a cfg/clip/ JSON stem (random weights, seeded: tests)
                 "INDEPENDENT_ENCODER": "",
                 "INDEPENDENT_PRETRAINED": "openai",
+                # minimal-pair accuracy (TEXT.WORD_LISTS set): test images it asks (0 = all) and
+                # one-edit variants per (image, category) at most (0 = all; a seeded sample)
+                "MINIMAL_PAIR_IMAGES": 1000,
+                "MINIMAL_PAIR_VARIANTS": 8,
                 # shapes judge weights: '' = assets/shapes_judge.pt for shapes sets, 'none' = off
                 "JUDGE": "",
             },
@@ -211,6 +250,7 @@ LEGACY_KEYS: dict[str, str | None] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.SMOOTH.SIMILARITY": ("dot", "cosine"),
     "CLIPGEN.CONDITION": ("text", "image"),
+    "CLIPGEN.RERANK": ("condition", "pairs"),
     "TRAIN.AMP_DTYPE": ("auto", "bfloat16", "float16"),
 }
 

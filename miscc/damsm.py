@@ -13,6 +13,7 @@ the optimizer, the one-cycle schedule and the grad scaler are in the resume stat
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from tqdm import tqdm
 
 from datasets import CaptionTokenizer, TextImageDataset, image_sizes
 from miscc.config import to_plain
-from miscc.losses import nt_xent, sent_loss, words_loss
+from miscc.losses import minimal_pair_loss, nt_xent, sent_loss, words_loss
+from miscc.minimal_pairs import word_lists_for
+from miscc.pair_metric import build_pair_set, format_pair_accuracy, score_pair_set
 from miscc.training import (
     EpochTrainer,
     damsm_class_ids,
@@ -34,11 +37,17 @@ from miscc.training import (
     resolve_checkpoint,
     seeded_train_loader,
 )
-from miscc.utils import atomic_torch_save, in_process_group, load_state_strict, rng_state
+from miscc.utils import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    in_process_group,
+    load_state_strict,
+    rng_state,
+)
 from model import ClipEncoder
 
 STATE_FORMAT = "damsm-train-state/1"
-TRAIN_STATS = ("loss", "words", "sent", "contrastive")
+TRAIN_STATS = ("loss", "words", "sent", "contrastive", "pairs")
 
 
 def build_encoder(cfg) -> ClipEncoder:
@@ -73,6 +82,42 @@ def retrieval_accuracy(text: torch.Tensor, owner: torch.Tensor, images: torch.Te
     return {f"R{k}": float((rank < k).float().mean()) for k in ks}
 
 
+def _pair_major(batch: dict, key: str, mask_key: str, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A batch's per-view minimal pairs [B, 2, K, ...] (+ mask [B, 2, K]) in the order of the
+    forward pass, [2B, K, ...] (all of view a, then all of view b), or None when absent."""
+    if key not in batch:
+        return None
+    x, mask = batch[key].to(device, non_blocking=True), batch[mask_key].to(device)
+    return torch.cat([x[:, 0], x[:, 1]]), torch.cat([mask[:, 0], mask[:, 1]])
+
+
+def _with_redraws(batch: dict) -> dict:
+    """A batch with its redrawn partners (TRAIN.REDRAW_PAIRS) appended as items of their own:
+    2B items, B minimal pairs; the partners have no negatives of their own (masks False)."""
+    if "redraw_tokens" not in batch:
+        return batch
+    out = dict(batch, tokens=torch.cat([batch["tokens"], batch["redraw_tokens"]]),
+               imgs=[torch.cat([batch["imgs"][-1], batch["redraw_imgs"]])],
+               class_id=torch.cat([batch["class_id"], batch["redraw_class"]]))
+    for key, mask in (("neg_tokens", "neg_mask"), ("neg_imgs", "neg_img_mask")):
+        if key in batch:
+            out[key] = torch.cat([batch[key], torch.zeros_like(batch[key])])
+            out[mask] = torch.cat([batch[mask], torch.zeros_like(batch[mask])])
+    return out
+
+
+def _unpack(packed: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor] | None
+            ) -> torch.Tensor | None:
+    """Encoded real negatives [n, D] back to their slots [2B, K, D] (zeros where masked)."""
+    if pairs is None:
+        return None
+    mask = pairs[1]
+    out = packed.new_zeros(*mask.shape, packed.shape[-1])
+    out[mask] = packed[: int(mask.sum())]
+    return out
+
+
 class DAMSMTrainer(EpochTrainer):
     """Stage-1 loop: one-cycle AdamW over the CLIP backbone (TRAIN.ENCODER_LR) and the new
     parameters (TRAIN.ADAPTER_LR), validation + attention maps each epoch, exact resume."""
@@ -88,8 +133,12 @@ class DAMSMTrainer(EpochTrainer):
         self.tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
         sizes = [max(image_sizes(cfg))]
         cache = bool(cfg.TRAIN.USE_CACHE)
+        self.word_lists = word_lists_for(cfg)
         self.dataset = TextImageDataset(cfg, "train", self.tokenizer, sizes, views=2,
-                                        train=True, use_cache=cache)
+                                        train=True, use_cache=cache, word_lists=self.word_lists,
+                                        negatives=int(cfg.TRAIN.HARD_NEGATIVES),
+                                        negative_pictures=int(cfg.TRAIN.NEGATIVE_PICTURES),
+                                        redraw_pairs=bool(cfg.TRAIN.REDRAW_PAIRS))
         self.sampler, self.loader = seeded_train_loader(self.dataset, self.batch, cfg, device,
                                                         rank, world)
         self.test = TextImageDataset(cfg, "test", self.tokenizer, sizes, views=1, train=False,
@@ -97,6 +146,11 @@ class DAMSMTrainer(EpochTrainer):
         self.test_loader = DataLoader(self.test, self.batch, shuffle=False,
                                       **loader_options(cfg, device))
         self.total_steps = self.steps_per_epoch * max(1, int(cfg.TRAIN.MAX_EPOCH))
+        # minimal-pair accuracy of the test pictures (docs/DESIGN.md §14): queries built once
+        self.pairs = None if self.word_lists is None else build_pair_set(
+            self.test.info.captions, self.word_lists, int(cfg.EVAL.MINIMAL_PAIR_VARIANTS),
+            int(cfg.EVAL.MINIMAL_PAIR_IMAGES), seed=int(cfg.SEED))
+        self._pair_tokens: dict[str, torch.Tensor] = {}
 
         # model, optimizer, schedule
         torch.manual_seed(int(cfg.SEED))
@@ -180,27 +234,55 @@ class DAMSMTrainer(EpochTrainer):
 
     # --------------------------------------------------------------------------- one step
     def losses(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss, [words, sent, contrastive] detached) of one two-view batch."""
+        """(total loss, [loss, words, sent, contrastive, pairs] detached) of one two-view batch.
+        Minimal pairs (docs/DESIGN.md §14), when the batch has them, go through the same
+        forward: the real negative captions after the captions, the real redrawn pictures
+        after the views."""
         cfg, dev, sm = self.cfg, self.device, self.cfg.TRAIN.SMOOTH
         model = self.model if model is None else model
+        batch = _with_redraws(batch)
         tokens = batch["tokens"].to(dev, non_blocking=True)  # [B, 2, L]
         views = batch["imgs"][-1].to(dev, non_blocking=True)  # [B, 2, 3, S, S]
         b = tokens.shape[0]
         class_ids = damsm_class_ids(cfg, batch, dev)
-        with self._autocast():  # one forward over both pairs: [a-captions; b-captions]
-            words, sent, mask, regions, code = model(
-                torch.cat([tokens[:, 0], tokens[:, 1]]), torch.cat([views[:, 0], views[:, 1]]))
+        text = torch.cat([tokens[:, 0], tokens[:, 1]])
+        images = torch.cat([views[:, 0], views[:, 1]])
+        neg_text = _pair_major(batch, "neg_tokens", "neg_mask", dev)  # ([2B, K, L], [2B, K])
+        neg_pics = _pair_major(batch, "neg_imgs", "neg_img_mask", dev)
+        if neg_text is not None:
+            text = torch.cat([text, neg_text[0][neg_text[1]]])
+        if neg_pics is not None:
+            images = torch.cat([images, neg_pics[0][neg_pics[1]]])
+        with self._autocast():  # one forward over both pairs: [a-captions; b-captions; ...]
+            words, sent, mask, regions, code = model(text, images)
+        neg_sent = _unpack(sent[2 * b:], neg_text)  # [2B, K, D] or None
+        neg_code = _unpack(code[2 * b:], neg_pics)
+        words, sent, mask, regions, code = (x[: 2 * b] for x in (words, sent, mask, regions,
+                                                                   code))
+        in_damsm = bool(cfg.TRAIN.HARD_NEGATIVES_IN_DAMSM)
         w_total = s_total = 0.0
         for part in (slice(0, b), slice(b, 2 * b)):
             w0, w1, _ = words_loss(words[part], mask[part], regions[part], class_ids,
                                    sm.GAMMA1, sm.GAMMA2, sm.GAMMA3,
                                    attngan_score=sm.ATTNGAN_SCORE,
                                    similarity=sm.SIMILARITY)
-            s0, s1 = sent_loss(code[part], sent[part], class_ids, sm.GAMMA3)
+            extra = {}
+            if in_damsm and neg_sent is not None:
+                extra.update(neg_sent=neg_sent[part], neg_sent_mask=neg_text[1][part])
+            if in_damsm and neg_code is not None:
+                extra.update(neg_code=neg_code[part], neg_code_mask=neg_pics[1][part])
+            s0, s1 = sent_loss(code[part], sent[part], class_ids, sm.GAMMA3, **extra)
             w_total, s_total = w_total + w0 + w1, s_total + s0 + s1
         contrastive = nt_xent(sent[:b], sent[b:], float(cfg.TRAIN.TEMPERATURE))
-        loss = w_total + s_total + float(cfg.TRAIN.CONTRASTIVE_WEIGHT) * contrastive
-        return loss, torch.stack([loss, w_total, s_total, contrastive]).detach()
+        pairs = torch.zeros((), device=dev)
+        scale = float(cfg.TRAIN.HARD_NEGATIVE_SCALE)
+        if neg_sent is not None:  # each image: its caption against the caption's edits
+            pairs = pairs + minimal_pair_loss(code, sent, neg_sent, neg_text[1], scale)
+        if neg_code is not None:  # each caption: its picture against the redrawn ones
+            pairs = pairs + minimal_pair_loss(sent, code, neg_code, neg_pics[1], scale)
+        loss = (w_total + s_total + float(cfg.TRAIN.CONTRASTIVE_WEIGHT) * contrastive
+                + float(cfg.TRAIN.HARD_NEGATIVE_WEIGHT) * pairs)
+        return loss, torch.stack([loss, w_total, s_total, contrastive, pairs]).detach()
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """Forward, backward, clip, step, schedule, then the finite check (all ranks
@@ -219,14 +301,16 @@ class DAMSMTrainer(EpochTrainer):
 
     # ------------------------------------------------------------------------- validation
     @torch.no_grad()
-    def validate(self, attention_path: Path | None = None) -> dict[str, float]:
+    def validate(self, attention_path: Path | None = None, pairs: bool = True
+                 ) -> dict[str, float]:
         """Test split: DAMSM word/sentence losses of (caption 0, centre crop) in batches of
-        TRAIN.BATCH_SIZE, and text→image R@1/R@5 of every test caption against every test
-        image (sentence vs. image code cosine). Every rank computes the same numbers (no
-        communication); only rank 0 writes the attention picture."""
+        TRAIN.BATCH_SIZE, text→image R@1/R@5 of every test caption against every test
+        image (sentence vs. image code cosine) and, with `pairs` and word lists, the
+        minimal-pair accuracy. Every rank computes the same numbers (no communication); only
+        rank 0 writes the attention picture."""
         sm, dev = self.cfg.TRAIN.SMOOTH, self.device
         enc = self.encoder.eval()
-        codes, sents, owners = [], [], []
+        codes, sents, owners, indices = [], [], [], []
         totals, weight, row = torch.zeros(2, dtype=torch.float64), 0, 0
         full_batches = len(self.test) >= self.batch
         try:
@@ -243,6 +327,7 @@ class DAMSMTrainer(EpochTrainer):
                         words, sent, mask = enc.encode_text(tokens.view(b * c, length).to(dev))
                     words, sent, mask = (x.view(b, c, *x.shape[1:]) for x in (words, sent, mask))
                     codes.append(code.float())
+                    indices.append(index)
                     sents.append(sent[real.to(dev)].float())
                     owners.append((row + torch.arange(b))[:, None].expand(b, c)[real])
                     row += b
@@ -263,25 +348,59 @@ class DAMSMTrainer(EpochTrainer):
                         # attn rows follow token positions: row 0 is the start token
                         save_attention_maps(images.float(), picked, attn[:, 1:], attention_path)
                         attention_path = None
+                pairs = self._pair_accuracy(enc, torch.cat(codes), torch.cat(indices)) \
+                    if pairs else {}
         finally:
             enc.train()
         result = retrieval_accuracy(torch.cat(sents), torch.cat(owners), torch.cat(codes))
         words_val, sent_val = (totals / max(weight, 1)).tolist()
         return {"words": words_val, "sent": sent_val, "loss": words_val + sent_val, **result,
-                "images": row, "captions": int(sum(len(o) for o in owners))}
+                "images": row, "captions": int(sum(len(o) for o in owners)),
+                "minimal_pairs": pairs}
 
-    def _validate_and_log(self) -> dict[str, float]:
+    def _pair_accuracy(self, enc: ClipEncoder, codes: torch.Tensor, indices: torch.Tensor
+                       ) -> dict[str, dict[str, float]]:
+        """Minimal-pair accuracy of the test pictures' codes (rows in `indices` order); {}
+        without word lists."""
+        if self.pairs is None:
+            return {}
+        by_index = codes.new_zeros(len(self.test), codes.shape[-1])
+        by_index[indices.to(codes.device)] = codes
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            for t in texts:
+                if t not in self._pair_tokens:
+                    self._pair_tokens[t] = self.tokenizer.encode(t)
+            tokens = torch.stack([self._pair_tokens[t] for t in texts]).to(self.device)
+            with self._autocast():
+                return enc.encode_text(tokens)[1].float()
+
+        return score_pair_set(by_index, self.pairs, encode, batch=int(self.batch) * 8)
+
+    def _validate_and_log(self, pairs: bool = True) -> dict[str, float]:
+        """Validate, log, print, write metrics.json; the minimal-pair accuracy (5 texts per
+        test image on the shapes set: it would double the validation time) only with
+        `pairs`, i.e. at snapshots and at the end."""
         path = self.image_dir / f"attention_{self._tag()}.png"
-        val = self.validate(attention_path=path if self.main else None)
+        val = self.validate(attention_path=path if self.main else None, pairs=pairs)
         if self.writer is not None:
             for key in ("loss", "words", "sent", "R1", "R5"):
                 self.writer.add_scalar(f"val/{key}", val[key], self.step)
+            for category, v in val["minimal_pairs"].items():
+                self.writer.add_scalar(f"val_pairs/{category}", v["accuracy"], self.step)
             self.writer.flush()
         if self.main:
             tqdm.write(f"epoch {self.epoch} step {self.step}: val loss {val['loss']:.3f} "
                        f"(words {val['words']:.3f}, sent {val['sent']:.3f}), text→image "
                        f"R@1 {val['R1']:.3f} R@5 {val['R5']:.3f} over {val['images']} images "
                        f"(chance R@1 {1 / max(val['images'], 1):.4f})")
+            if val["minimal_pairs"]:
+                tqdm.write("  minimal pairs (true caption above its one-edit variants): "
+                           + format_pair_accuracy(val["minimal_pairs"]))
+            metrics = {"epoch": self.epoch, "step": self.step,
+                       "word_lists": str(self.cfg.TEXT.WORD_LISTS), **val}
+            atomic_write_bytes(self.out / "metrics.json",
+                               (json.dumps(metrics, indent=1) + "\n").encode())
         return val
 
     # ---------------------------------------------------------------------------- the loop
@@ -300,7 +419,7 @@ class DAMSMTrainer(EpochTrainer):
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
 
     def _after_epoch(self, stats: dict[str, float], snapshot: bool) -> None:
-        self.val = self._validate_and_log()
+        self.val = self._validate_and_log(pairs=snapshot)
         if snapshot:
             self.save()
 

@@ -19,6 +19,7 @@ __all__ = [
     "discriminator_loss",
     "generator_adv_loss",
     "kl_loss",
+    "minimal_pair_loss",
     "nt_xent",
     "sent_loss",
     "words_loss",
@@ -146,12 +147,18 @@ def words_loss(
 
 
 def sent_loss(
-    code: Tensor, sent: Tensor, class_ids: Tensor | None, gamma3: float
+    code: Tensor, sent: Tensor, class_ids: Tensor | None, gamma3: float,
+    neg_sent: Tensor | None = None, neg_sent_mask: Tensor | None = None,
+    neg_code: Tensor | None = None, neg_code_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DAMSM sentence-level loss: scores[image i, sentence j] = gamma3 * cos(code_i, sent_j).
 
     Returns ``(loss0, loss1)``: CE over rows (images) and over columns (sentences), batch
     means, with same-class off-diagonal pairs masked out when ``class_ids`` is given.
+    Minimal pairs (docs/DESIGN.md §14) are extra negatives of their own item only:
+    ``neg_sent`` [B, K, D] (one-edit captions of caption i) join row i of loss0, ``neg_code``
+    [B, M, D] (redrawn pictures of image i) join caption i's choice in loss1; their masks
+    [B, K] / [B, M] are True at real ones (None = all real).
     """
     if code.dim() != 2 or code.shape != sent.shape:
         raise ValueError(f"code and sent must both be [B, D], got {tuple(code.shape)} "
@@ -161,7 +168,56 @@ def sent_loss(
         c = F.normalize(code.to(dtype), dim=-1, eps=EPS)
         s = F.normalize(sent.to(dtype), dim=-1, eps=EPS)
         scores = gamma3 * (c @ s.t())
-        return _matching_losses(scores, class_ids)
+        if neg_sent is None and neg_code is None:
+            return _matching_losses(scores, class_ids)
+        batch = scores.shape[0]
+        mask = _class_mask(class_ids, batch, scores.device)
+        if mask is not None:
+            scores = scores.masked_fill(mask, _NEG_INF)
+        rows, cols = scores, scores.t()
+        if neg_sent is not None:  # image i also picks against its own caption's edits
+            rows = torch.cat([rows, gamma3 * _own_cosines(c, neg_sent, neg_sent_mask)], 1)
+        if neg_code is not None:  # caption i also picks against its image's redraws
+            cols = torch.cat([cols, gamma3 * _own_cosines(s, neg_code, neg_code_mask)], 1)
+        labels = torch.arange(batch, device=scores.device)
+        return F.cross_entropy(rows, labels), F.cross_entropy(cols, labels)
+
+
+def _own_cosines(anchor: Tensor, negatives: Tensor, mask: Tensor | None) -> Tensor:
+    """[B, K] cosines of anchor b [B, D] with its own negatives [B, K, D], -inf where masked."""
+    if negatives.dim() != 3 or negatives.shape[0] != anchor.shape[0] \
+            or negatives.shape[2] != anchor.shape[1]:
+        raise ValueError(f"negatives must be [B, K, D] = [{anchor.shape[0]}, K, "
+                         f"{anchor.shape[1]}], got {tuple(negatives.shape)}")
+    n = F.normalize(negatives.to(anchor.dtype), dim=-1, eps=EPS)
+    cos = torch.einsum("bd,bkd->bk", anchor, n)
+    if mask is not None:
+        cos = cos.masked_fill(~mask.to(device=cos.device, dtype=torch.bool), _NEG_INF)
+    return cos
+
+
+def minimal_pair_loss(anchor: Tensor, positive: Tensor, negatives: Tensor,
+                      mask: Tensor | None, scale: float) -> Tensor:
+    """Per-item cross-entropy over [positive, its own negatives] (NegCLIP / TSVLC style).
+
+    anchor, positive [B, D]; negatives [B, K, D] with mask [B, K] (True = real; None = all).
+    logits_b = scale * [cos(anchor_b, positive_b), cos(anchor_b, negatives_bk) ...], target
+    0. Mean over the items with at least one real negative (0 when none has any): image codes
+    against a caption and its one-edit variants, or a caption against its picture and the
+    picture redrawn with one attribute changed.
+    """
+    if anchor.dim() != 2 or anchor.shape != positive.shape:
+        raise ValueError(f"anchor and positive must both be [B, D], got "
+                         f"{tuple(anchor.shape)} and {tuple(positive.shape)}")
+    dtype = _compute_dtype(anchor)
+    with _no_autocast(anchor):
+        a = F.normalize(anchor.to(dtype), dim=-1, eps=EPS)
+        p = F.normalize(positive.to(dtype), dim=-1, eps=EPS)
+        logits = scale * torch.cat([(a * p).sum(-1, keepdim=True),
+                                    _own_cosines(a, negatives, mask)], 1)
+        has = logits[:, 1:].isfinite().any(1)  # items with at least one real negative
+        per_item = torch.logsumexp(logits, 1) - logits[:, 0]
+        return (per_item * has).sum() / has.sum().clamp_min(1)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:

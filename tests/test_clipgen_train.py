@@ -205,6 +205,77 @@ def test_draw_images_same_for_any_batch_split_and_reranks(vq_ckpt, tiny_encoder_
         assert torch.equal(best[b], cands[score.argmax()])
 
 
+def test_pair_margin_hand_computed() -> None:
+    """cos(code, caption) − the largest cos(code, real variant); the caption's cosine alone
+    for a row without variants (padded slots never count)."""
+    from clipgen.models import pair_margin
+
+    codes = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    texts = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+                          [[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])
+    mask = torch.tensor([[True, True], [False, False]])
+    got = pair_margin(codes, texts, mask)
+    torch.testing.assert_close(got, torch.tensor([1.0 - 2 ** -0.5, 2 ** -0.5]))
+
+
+def test_draw_images_reranks_by_the_pair_margin(vq_ckpt, tiny_encoder_ckpt) -> None:
+    """With pair_texts each row keeps the candidate of the largest pair margin (not the
+    closest to its condition)."""
+    from clipgen.models import pair_margin
+
+    gpt, vq, encoder = tiny_models(vq_ckpt, tiny_encoder_ckpt)
+    cfg = load_config(ROOT / "cfg" / "clipgen_shapes.yml", ["CLIPGEN.TOP_K=5"], quiet=True)
+    torch.manual_seed(3)
+    cond, ids = torch.randn(4, 64), torch.tensor([4, 9, 0, 7])
+    texts, mask = torch.randn(4, 3, 64), torch.tensor([[True, True], [True, False],
+                                                      [False, False], [True, True]])
+    cfg.CLIPGEN.CANDIDATES = 4
+    best = draw_images(cfg, gpt, vq, cond, ids, encoder, (texts, mask))
+    plain = draw_images(cfg, gpt, vq, cond, ids, encoder)
+    cfg.CLIPGEN.CANDIDATES = 1
+    differs = 0
+    for b in range(4):
+        cands = draw_images(cfg, gpt, vq, cond[b].repeat(4, 1), ids[b] * 4 + torch.arange(4))
+        with torch.no_grad():
+            score = pair_margin(encoder.encode_image(cands)[1], texts[b].expand(4, 3, 64),
+                                mask[b].expand(4, 2))
+        # the same candidate (decoded in another batch: float rounding apart)
+        torch.testing.assert_close(best[b], cands[score.argmax()], atol=1e-4, rtol=0)
+        differs += not torch.allclose(best[b], plain[b], atol=1e-4)
+    assert differs > 0
+
+
+def test_pair_reranker_codes_each_caption_then_its_edits(data_dir, vq_ckpt,
+                                                         tiny_encoder_ckpt, tmp_path) -> None:
+    """CLIPGEN.RERANK pairs: row r holds the encoder's codes of caption (n, c) and of its
+    one-edit variants (seed SEED + n·C + c), mask True on real ones; needs word lists."""
+    from clipgen.generate import pair_reranker
+    from datasets import CaptionTokenizer
+    from miscc.config import ConfigError
+    from miscc.minimal_pairs import load_word_lists, one_edit_negatives
+    from sampling import test_split
+
+    _, _, encoder = tiny_models(vq_ckpt, tiny_encoder_ckpt)
+    cfg = gen_cfg(data_dir, tmp_path, vq_ckpt, tiny_encoder_ckpt, "CLIPGEN.RERANK=pairs",
+                  "CLIPGEN.CANDIDATES=2", "TEXT.WORD_LISTS=shapes",
+                  "TRAIN.MINIMAL_PAIR_EDITS=3")
+    data = test_split(cfg)
+    texts, mask = pair_reranker(cfg, data, encoder, CPU)(torch.tensor([2, 0]),
+                                                         torch.tensor([1, 4]))
+    assert texts.shape == (2, 4, 64) and mask.shape == (2, 3)
+    lists, tokenizer = load_word_lists("shapes"), CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
+    for r, (n, c) in enumerate(((2, 1), (0, 4))):
+        caption = data.info.captions[n][c]
+        edits = one_edit_negatives(caption, lists, 3, int(cfg.SEED) + n * 10 + c)
+        with torch.no_grad():
+            want = encoder.encode_text(tokenizer([caption, *edits]))[1].float()
+        torch.testing.assert_close(texts[r, : 1 + len(edits)], want, atol=1e-5, rtol=1e-5)
+        assert mask[r].tolist() == [i < len(edits) for i in range(3)]
+    cfg.TEXT.WORD_LISTS = ""
+    with pytest.raises(ConfigError, match="TEXT.WORD_LISTS"):
+        pair_reranker(cfg, data, encoder, CPU)
+
+
 # ---------------------------------------------------------------------- training runs
 @pytest.fixture(scope="module")
 def trained(data_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path_factory) -> Path:

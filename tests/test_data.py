@@ -286,3 +286,145 @@ def test_flip_switch(shapes_cfg, tokenizer):
             assert torch.equal(a, b.flip(-1))
             mirrored += 1
     assert 0 < mirrored < 12
+
+
+# ------------------------------------------------------------------------- minimal pairs
+def minimal_pair_set(shapes_cfg, tokenizer, *overrides, negatives=0, pictures=0,
+                     redraw=False):
+    from miscc.minimal_pairs import load_word_lists
+
+    cfg = shapes_cfg("TRAIN.FLIP=True", "TRAIN.RANDOM_CROP=False", "TEXT.WORD_LISTS=shapes",
+                     *overrides)
+    return TextImageDataset(cfg, "train", tokenizer, [32], views=2, use_cache=False,
+                            word_lists=load_word_lists("shapes"), negatives=negatives,
+                            negative_pictures=pictures, redraw_pairs=redraw)
+
+
+def test_no_random_crop_trains_on_the_whole_frame(shapes_cfg, tokenizer):
+    """TRAIN.RANDOM_CROP=False: the training view is the stored picture at the test scale
+    (or its mirror), never a 76/64 enlargement shifted by a crop."""
+    ds = TextImageDataset(shapes_cfg("TRAIN.RANDOM_CROP=False", "TRAIN.FLIP=False"), "train",
+                          tokenizer, [32], views=2)
+    test = TextImageDataset(shapes_cfg(), "test", tokenizer, [32], views=1, train=False)
+    assert ds.load_size == 32 == test.load_size
+    for seed in range(4):
+        torch.manual_seed(seed)
+        item = ds[5]
+        whole = torch.from_numpy(load_image(ds.info.image_paths[5], ds.info.boxes[5], 32))
+        whole = whole.permute(2, 0, 1).float() / 127.5 - 1
+        assert torch.equal(item["imgs"][0][0], whole) and torch.equal(item["imgs"][0][1], whole)
+
+
+def test_flip_and_caption_stay_consistent(shapes_cfg, tokenizer):
+    """A mirrored view comes with left and right exchanged in its caption; the view looks like
+    the picture its own caption describes (drawn by the renderer) and not like the picture of
+    the unswapped caption; an unmirrored view keeps its caption."""
+    from miscc.minimal_pairs import flip_caption
+
+    ds = minimal_pair_set(shapes_cfg, tokenizer)
+    lists, seen = ds.word_lists, {True: 0, False: 0}
+    sided = [i for i in range(len(ds)) if "left" in ds.info.captions[i][0]
+             or "right" in ds.info.captions[i][0]]
+    assert sided
+    for seed in range(6):
+        for index in sided[:4]:
+            torch.manual_seed(seed)
+            item = ds[index]
+            truth = {c: v[0] for c, v in lists.named(ds.info.captions[index][0]).items()}
+            for v in range(2):
+                caption = ds.info.captions[index][int(item["cap_idx"][v])]
+                mirrored = bool(item["flipped"][v])
+                seen[mirrored] += 1
+                expect = flip_caption(caption, lists) if mirrored else caption
+                assert torch.equal(item["tokens"][v], tokenizer.encode(expect))
+                # the view against the renderer's pictures of the mirrored / unmirrored caption
+                said = flip_caption(ds.info.captions[index][0], lists) if mirrored \
+                    else ds.info.captions[index][0]
+                drawn = {p: ds._apply_view(torch.from_numpy(ds._redraw(
+                    {**truth, "position": lists.named(p)["position"][0]})).permute(2, 0, 1),
+                    0, 0, False)[0] for p in (said, flip_caption(said, lists))}
+                view = item["imgs"][0][v]
+                near, far = ((drawn[p] - view).abs().mean() for p in drawn)
+                assert near < 0.02 < far, (near, far)
+    assert seen[True] and seen[False]
+
+
+def test_negative_pictures_change_one_named_attribute(shapes_cfg, tokenizer):
+    """Each redrawn picture differs from its view, comes from changing one attribute the view's
+    caption names, and is mirrored like the view; captions get one-edit negatives."""
+    from datasets import _picture_edits
+
+    truth = {"shape": "star", "colour": "red", "size": "small", "position": "top left",
+             "background": "black"}
+    named = {"colour": ["red"], "position": ["top left"]}
+    for seed in range(5):
+        edits = _picture_edits(truth, named, 6, seed)
+        assert edits == _picture_edits(truth, named, 6, seed) and len(edits) == 6
+        for attrs in edits:
+            changed = [a for a in truth if attrs[a] != truth[a]]
+            assert len(changed) == 1 and changed[0] in named
+            assert attrs["colour"] not in ("purple", "blue")  # never drawn on black
+        assert {next(a for a in truth if e[a] != truth[a]) for e in edits[:2]} == set(named)
+    assert len(_picture_edits(truth, {"size": ["small"]}, 6, 0)) == 2  # only two other sizes
+
+    ds = minimal_pair_set(shapes_cfg, tokenizer, negatives=3, pictures=2)
+    torch.manual_seed(1)
+    item = ds[2]
+    assert item["flipped"].tolist() == [True, False]  # one mirrored view, one not
+    assert item["neg_imgs"].shape == (2, 2, 3, 32, 32) and item["neg_img_mask"].all()
+    assert item["neg_tokens"].shape == (2, 3, tokenizer.context) and item["neg_mask"].any()
+    truth = {c: v[0] for c, v in ds.word_lists.named(ds.info.captions[2][0]).items()}
+    for v in range(2):
+        # every single-attribute redraw of what the view's caption names, mirrored like the view
+        caption = ds.info.captions[2][int(item["cap_idx"][v])]
+        allowed = [ds._apply_view(torch.from_numpy(ds._redraw(e)).permute(2, 0, 1), 0, 0,
+                                  bool(item["flipped"][v]))[0]
+                   for e in _picture_edits(truth, ds.word_lists.named(caption), 99, 0)]
+        for j in range(2):
+            assert (item["neg_imgs"][v, j] - item["imgs"][0][v]).abs().max() > 0.1
+            assert any(torch.equal(item["neg_imgs"][v, j], a) for a in allowed)
+        for j in range(3):
+            if item["neg_mask"][v, j]:
+                assert not torch.equal(item["neg_tokens"][v, j], item["tokens"][v])
+    # the same seed gives the same item
+    torch.manual_seed(1)
+    again = ds[2]
+    assert all(torch.equal(item[k], again[k]) for k in ("neg_imgs", "neg_tokens", "tokens"))
+
+
+def test_minimal_pairs_need_word_lists(shapes_cfg, tokenizer):
+    with pytest.raises(DataError, match="TEXT.WORD_LISTS"):
+        TextImageDataset(shapes_cfg(), "train", tokenizer, [32], views=2, negatives=2)
+
+
+def test_redraw_pairs_edit_picture_and_both_captions_alike(shapes_cfg, tokenizer):
+    """TRAIN.REDRAW_PAIRS: the partner is the picture with one attribute that both captions
+    name changed, in the same views, and its captions are the item's with that value written
+    in (then flipped like their views)."""
+    from miscc.minimal_pairs import with_value
+
+    ds = minimal_pair_set(shapes_cfg, tokenizer, redraw=True)
+    lists, changed_kinds = ds.word_lists, set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        item = ds[seed]
+        truth = {c: v[0] for c, v in lists.named(ds.info.captions[seed][0]).items()}
+        originals = [ds.info.captions[seed][int(c)] for c in item["cap_idx"]]
+        common = set(lists.named(originals[0])) & set(lists.named(originals[1]))
+        matches = []
+        for category in common:
+            for value in lists.categories[category]:
+                attrs = {**truth, category: value[0]}
+                if attrs == truth:
+                    continue
+                caps = [with_value(c, lists, category, value[0]) for c in originals]
+                caps = [lists.flip(c) if f else c for c, f in zip(caps, item["flipped"],
+                                                                   strict=True)]
+                views = [ds._apply_view(torch.from_numpy(ds._redraw(attrs)).permute(2, 0, 1),
+                                        0, 0, bool(f))[0] for f in item["flipped"]]
+                if all(torch.equal(item["redraw_imgs"][v], views[v]) and torch.equal(
+                        item["redraw_tokens"][v], tokenizer.encode(caps[v])) for v in (0, 1)):
+                    matches.append(category)
+        assert len(matches) == 1, (seed, matches)
+        changed_kinds.add(matches[0])
+    assert len(changed_kinds) > 1

@@ -15,6 +15,7 @@ from miscc.losses import (
     discriminator_loss,
     generator_adv_loss,
     kl_loss,
+    minimal_pair_loss,
     nt_xent,
     sent_loss,
     words_loss,
@@ -72,6 +73,43 @@ def ref_sent_loss(code, sent, class_ids, g3):
                 scores[i, j] = float("-inf")
     labels = torch.arange(b)
     return F.cross_entropy(scores, labels), F.cross_entropy(scores.t(), labels)
+
+
+def ref_sent_loss_with_pairs(code, sent, class_ids, g3, neg_sent, neg_sent_mask, neg_code,
+                             neg_code_mask):
+    """One image / one caption at a time: image i's candidates are every caption of the batch
+    (same class masked) plus the real one-edit variants of its own caption; caption i's are
+    every image plus the real redraws of its own image."""
+    b = code.shape[0]
+    cos = F.cosine_similarity
+    loss0 = loss1 = 0.0
+    for i in range(b):
+        row = [g3 * cos(code[i], sent[j], dim=0) for j in range(b)
+               if j == i or class_ids is None or int(class_ids[i]) != int(class_ids[j])]
+        target0 = sum(1 for j in range(i)
+                      if class_ids is None or int(class_ids[i]) != int(class_ids[j]))
+        row += [g3 * cos(code[i], neg_sent[i, k], dim=0) for k in range(neg_sent.shape[1])
+                if neg_sent_mask[i, k]]
+        loss0 = loss0 - torch.log_softmax(torch.stack(row), 0)[target0]
+        col = [g3 * cos(code[j], sent[i], dim=0) for j in range(b)
+               if j == i or class_ids is None or int(class_ids[i]) != int(class_ids[j])]
+        col += [g3 * cos(neg_code[i, m], sent[i], dim=0) for m in range(neg_code.shape[1])
+                if neg_code_mask[i, m]]
+        loss1 = loss1 - torch.log_softmax(torch.stack(col), 0)[target0]
+    return loss0 / b, loss1 / b
+
+
+def ref_minimal_pair_loss(anchor, positive, negatives, mask, scale):
+    """Per item: -log softmax over [positive, each real negative] at the positive; the mean
+    over the items that have a negative."""
+    total, count = 0.0, 0
+    for b in range(anchor.shape[0]):
+        cands = [positive[b]] + [negatives[b, k] for k in range(negatives.shape[1]) if mask[b, k]]
+        if len(cands) == 1:
+            continue
+        logits = torch.stack([scale * F.cosine_similarity(anchor[b], c, dim=0) for c in cands])
+        total, count = total - torch.log_softmax(logits, 0)[0], count + 1
+    return total / max(count, 1) if count else anchor.sum() * 0
 
 
 def ref_nt_xent(z1, z2, tau):
@@ -338,6 +376,62 @@ def test_sent_loss_hand_computed():
     # same class -> off-diagonals masked -> zero loss
     z0, z1 = sent_loss(code, sent, torch.tensor([2, 2]), G3)
     assert z0.item() == 0.0 and z1.item() == 0.0
+
+
+@pytest.mark.parametrize("class_ids", [None, [1, 2, 1, 3, 2, 4]])
+def test_sent_loss_with_minimal_pairs_matches_reference(class_ids):
+    """Extra negatives of their own item, masked where a caption has fewer: values and
+    gradients (code, sentences, negative captions, negative pictures) against a loop."""
+    g = torch.Generator().manual_seed(11)
+    b, k, m, d = 6, 3, 2, 9
+    code, sent = (torch.randn(b, d, generator=g, dtype=torch.float64) for _ in range(2))
+    neg_sent = torch.randn(b, k, d, generator=g, dtype=torch.float64)
+    neg_code = torch.randn(b, m, d, generator=g, dtype=torch.float64)
+    sent_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0],
+                              [1, 1, 1]], dtype=torch.bool)
+    code_mask = torch.tensor([[1, 1], [0, 0], [1, 0], [1, 1], [0, 1], [0, 0]],
+                             dtype=torch.bool)
+    cid = None if class_ids is None else torch.tensor(class_ids)
+    (l0, l1), got = grads(lambda c, s, ns, nc: sent_loss(c, s, cid, G3, ns, sent_mask, nc,
+                                                         code_mask),
+                          code, sent, neg_sent, neg_code)
+    (r0, r1), want = grads(lambda c, s, ns, nc: ref_sent_loss_with_pairs(
+        c, s, cid, G3, ns, sent_mask, nc, code_mask), code, sent, neg_sent, neg_code)
+    torch.testing.assert_close((l0, l1), (r0, r1), atol=1e-10, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    # masked negatives get no gradient; with every negative masked it is the plain loss
+    assert got[2][~sent_mask].abs().max() == 0 and got[3][~code_mask].abs().max() == 0
+    plain = sent_loss(code, sent, cid, G3)
+    none = sent_loss(code, sent, cid, G3, neg_sent, torch.zeros(b, k, dtype=torch.bool),
+                     neg_code, torch.zeros(b, m, dtype=torch.bool))
+    torch.testing.assert_close(none, plain, atol=1e-12, rtol=0)
+
+
+def test_minimal_pair_loss_matches_reference():
+    g = torch.Generator().manual_seed(12)
+    b, k, d = 5, 4, 7
+    anchor, positive = (torch.randn(b, d, generator=g, dtype=torch.float64) for _ in range(2))
+    negatives = torch.randn(b, k, d, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0],
+                         [1, 1, 0, 1]], dtype=torch.bool)
+    for scale in (1.0, 10.0):
+        fn = lambda a, p, n, s=scale: (minimal_pair_loss(a, p, n, mask, s),  # noqa: E731
+                                       torch.zeros(()))
+        ref = lambda a, p, n, s=scale: (ref_minimal_pair_loss(a, p, n, mask, s),  # noqa: E731
+                                        torch.zeros(()))
+        (got, _), g_got = grads(fn, anchor, positive, negatives)
+        (want, _), g_want = grads(ref, anchor, positive, negatives)
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+        torch.testing.assert_close(g_got, g_want, atol=1e-10, rtol=0)
+    # hand value: one negative at cosine 0, the positive at cosine 1, scale 10
+    one = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    out = minimal_pair_loss(one, one, torch.tensor([[[0.0, 3.0]]], dtype=torch.float64),
+                            None, 10.0)
+    assert out.item() == pytest.approx(math.log1p(math.exp(-10.0)), abs=1e-12)
+    # no item with a negative: 0 (and still part of the graph)
+    zero = minimal_pair_loss(anchor, positive, negatives, torch.zeros(b, k, dtype=torch.bool),
+                             10.0)
+    assert zero.item() == 0.0
 
 
 # --------------------------------------------------------------------------- nt_xent

@@ -101,6 +101,83 @@ def test_steps_reduce_the_loss_of_a_fixed_batch(tiny_cfg, tmp_path) -> None:
     assert before > 12 and after < 0.5 * before, (before, after)
 
 
+MINIMAL = ["TEXT.WORD_LISTS=shapes", "TRAIN.FLIP=True", "TRAIN.RANDOM_CROP=False",
+           "TRAIN.HARD_NEGATIVES=3", "TRAIN.NEGATIVE_PICTURES=2"]
+
+
+def test_minimal_pairs_reach_the_losses(tiny_cfg, tmp_path) -> None:
+    """A batch's negative captions and redrawn pictures go through the one forward (packed:
+    only the real ones) and into the sentence loss and the per-item term; with every negative
+    masked out the step's loss is exactly the loss without minimal pairs."""
+    from miscc.losses import minimal_pair_loss, sent_loss
+
+    cfg = tiny_cfg(tmp_path, *MINIMAL, "TRAIN.HARD_NEGATIVE_WEIGHT=2.0")
+    trainer = DAMSMTrainer(cfg, CPU, progress=False)
+    trainer.sampler.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    b = batch["tokens"].shape[0]
+    batch["neg_mask"][0, 0] = False  # one caption with fewer negatives
+    calls = []
+    forward = trainer.encoder.forward
+    trainer.encoder.forward = lambda t, i: calls.append((len(t), len(i))) or forward(t, i)
+    with torch.no_grad():
+        loss, parts = trainer.losses(batch, trainer.encoder)
+    assert calls == [(2 * b + int(batch["neg_mask"].sum()),
+                      2 * b + int(batch["neg_img_mask"].sum()))]
+    assert parts[4] > 0 and loss == pytest.approx(float(parts[:4].sum() - parts[0]
+                                                        + 2.0 * parts[4]), rel=1e-5)
+    # the same numbers from the encoder outputs by hand
+    enc = trainer.encoder
+    with torch.no_grad():
+        tok, img = batch["tokens"], batch["imgs"][-1]
+        _, sent, _ = enc.encode_text(torch.cat([tok[:, 0], tok[:, 1]]))
+        _, code = enc.encode_image(torch.cat([img[:, 0], img[:, 1], batch["neg_imgs"][:, 0]
+                                              .flatten(0, 1), batch["neg_imgs"][:, 1]
+                                              .flatten(0, 1)]))
+        code, neg_code = code[: 2 * b], code[2 * b:].view(2, b, 2, -1).flatten(0, 1)
+        neg_tok = torch.cat([batch["neg_tokens"][:, 0], batch["neg_tokens"][:, 1]])
+        neg_sent = enc.encode_text(neg_tok.flatten(0, 1))[1].view(2 * b, 3, -1)
+        mask = torch.cat([batch["neg_mask"][:, 0], batch["neg_mask"][:, 1]])
+        img_mask = torch.cat([batch["neg_img_mask"][:, 0], batch["neg_img_mask"][:, 1]])
+    pairs = (minimal_pair_loss(code, sent, neg_sent, mask, 10.0)
+             + minimal_pair_loss(sent, code, neg_code, img_mask, 10.0))
+    assert float(parts[4]) == pytest.approx(float(pairs), rel=1e-4)
+    s = sum(sum(sent_loss(code[p], sent[p], None, 10.0, neg_sent[p], mask[p], neg_code[p],
+                          img_mask[p])) for p in (slice(0, b), slice(b, 2 * b)))
+    assert float(parts[2]) == pytest.approx(float(s), rel=1e-4)
+    # all masked: exactly the plain step
+    plain = {k: v for k, v in batch.items() if not k.startswith("neg_")}
+    batch["neg_mask"][:] = False
+    batch["neg_img_mask"][:] = False
+    with torch.no_grad():
+        masked, masked_parts = trainer.losses(batch, trainer.encoder)
+        want, _ = trainer.losses(plain, trainer.encoder)
+    assert masked_parts[4] == 0 and torch.equal(masked, want)
+
+
+def test_redraw_pairs_join_the_batch(tiny_cfg, tmp_path) -> None:
+    """TRAIN.REDRAW_PAIRS: each item's redrawn partner is an item of its own in every loss
+    (2B captions of each view, 2B views of each kind); partners have no negatives."""
+    cfg = tiny_cfg(tmp_path, "TEXT.WORD_LISTS=shapes", "TRAIN.RANDOM_CROP=False",
+                   "TRAIN.REDRAW_PAIRS=True", "TRAIN.HARD_NEGATIVES=2")
+    trainer = DAMSMTrainer(cfg, CPU, progress=False)
+    trainer.sampler.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    b = batch["tokens"].shape[0]
+    merged = damsm._with_redraws(batch)
+    assert torch.equal(merged["tokens"], torch.cat([batch["tokens"], batch["redraw_tokens"]]))
+    assert torch.equal(merged["imgs"][-1], torch.cat([batch["imgs"][-1],
+                                                      batch["redraw_imgs"]]))
+    assert not merged["neg_mask"][b:].any() and torch.equal(merged["neg_mask"][:b],
+                                                            batch["neg_mask"])
+    calls = []
+    forward = trainer.encoder.forward
+    trainer.encoder.forward = lambda t, i: calls.append((len(t), len(i))) or forward(t, i)
+    with torch.no_grad():
+        trainer.losses(batch, trainer.encoder)
+    assert calls == [(4 * b + int(batch["neg_mask"].sum()), 4 * b)]
+
+
 def test_optimizer_is_fused_and_steps_like_plain_adamw(tiny_cfg, tmp_path) -> None:
     """The trainer's AdamW runs the fused kernel and moves every parameter as torch's
     reference (single-tensor) AdamW does with the same groups, learning rates and gradients."""
@@ -132,7 +209,7 @@ def test_optimizer_is_fused_and_steps_like_plain_adamw(tiny_cfg, tmp_path) -> No
 def test_training_loop_summary(trained) -> None:
     summary = trained["summary"]
     assert summary["step"] == 12 and summary["epoch"] == 2
-    assert set(summary["losses"]) == {"loss", "words", "sent", "contrastive"}
+    assert set(summary["losses"]) == {"loss", "words", "sent", "contrastive", "pairs"}
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["losses"].values())
     val = summary["val"]
     assert val["images"] == 12 and val["captions"] == 120 and 0 <= val["R1"] <= val["R5"] <= 1
@@ -165,6 +242,42 @@ def test_attention_maps_and_tensorboard(trained) -> None:
     assert [e.step for e in logs.Scalars("train/loss")] == list(range(1, 13))
     assert [e.step for e in logs.Scalars("val/R1")] == [6, 12]
     assert (out / "config.yml").is_file()
+
+
+def test_minimal_pair_accuracy_in_validation(tiny_cfg, tmp_path) -> None:
+    """With word lists, each validation scores the test pictures' minimal pairs with the
+    encoder (the same numbers as score_pair_set on its codes), prints them, and writes them to
+    TensorBoard and <OUTPUT_DIR>/metrics.json with chance beside them."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from miscc.pair_metric import score_pair_set
+
+    cfg = tiny_cfg(tmp_path, *MINIMAL, "TRAIN.MAX_STEPS=2")
+    trainer, summary = train(cfg)
+    pairs = summary["val"]["minimal_pairs"]
+    # 12 test pictures; shapes captions name all five attributes (one query each), and with
+    # the variant cap of 8 each is asked against every other value of its category
+    chance = {"shape": 1 / 6, "colour": 1 / 6, "size": 1 / 3, "position": 1 / 5,
+              "background": 1 / 5}
+    for category, c in chance.items():
+        assert pairs[category]["chance"] == pytest.approx(c)
+        assert pairs[category]["count"] == 12
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["minimal_pairs"] == pairs
+    assert metrics["R1"] == summary["val"]["R1"]
+    enc = trainer.encoder.eval()
+    with torch.no_grad():
+        images = torch.stack([trainer.test[i]["imgs"][-1][0] for i in range(len(trainer.test))])
+        codes = enc.encode_image(images)[1]
+        again = score_pair_set(codes, trainer.pairs, lambda t: enc.encode_text(
+            trainer.tokenizer(t))[1])
+    assert {k: v["accuracy"] for k, v in again.items()} == pytest.approx(
+        {k: v["accuracy"] for k, v in pairs.items()})
+    logs = EventAccumulator(str(tmp_path / "logs"))
+    logs.Reload()
+    assert {f"val_pairs/{c}" for c in [*chance, "mean"]} <= set(logs.Tags()["scalars"])
 
 
 def test_retrieval_accuracy_matches_a_loop() -> None:

@@ -149,3 +149,36 @@ def test_side_by_side_section_for_clipgen(tmp_path):
         assert f"]({name})" in text and (out / name).is_file()
     assert (out / "clipgen_samples.png").read_bytes() == \
         (cg / "Image" / "G_epoch_40.png").read_bytes()
+
+
+def test_minimal_pair_rows_for_both_scorers(tmp_path):
+    """The generated images' minimal-pair accuracy: a row per scorer and chance; none without."""
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+
+    def entry(acc: float) -> dict:
+        return {"accuracy": acc, "chance": 0.2, "count": 10}
+
+    metrics = {"images": 20, "clip_score": 50.0, "r_precision": 0.5, "r_precision_std": 0.1,
+               "minimal_pairs": {"shape": entry(0.9), "position": entry(0.25),
+                                 "mean": entry(0.575)},
+               "independent": {"encoder": "x", "r_precision": 0.4, "r_precision_std": 0.1,
+                               "clip_score": 20.0,
+                               "minimal_pairs": {"shape": entry(0.5), "position": entry(0.6),
+                                                 "mean": entry(0.55)}}}
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    text = report.build_report(tmp_path / "s1", tmp_path / "s2", tmp_path / "out",
+                               metrics_file=tmp_path / "m.json").read_text()
+    lines = text.splitlines()
+    header = lines.index("| scorer | shape | position | mean |")
+    assert lines[header + 2:header + 5] == ["| training encoder | 90.0 | 25.0 | 57.5 |",
+                                            "| independent scorer | 50.0 | 60.0 | 55.0 |",
+                                            "| chance | 20.0 | 20.0 | 20.0 |"]
+    assert report.comparison_rows([("A", metrics, None)])[-5:-3] == [
+        "| minimal pairs, training encoder (%) | 57.5 |",
+        "| minimal pairs, independent scorer (%) | 55.0 |"]
+    del metrics["minimal_pairs"], metrics["independent"]["minimal_pairs"]
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    text = report.build_report(tmp_path / "s1", tmp_path / "s2", tmp_path / "out",
+                               metrics_file=tmp_path / "m.json").read_text()
+    assert "Minimal pairs" not in text

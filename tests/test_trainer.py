@@ -114,7 +114,8 @@ def test_step_wiring_as_dmgan_cl(gan_cfg, monkeypatch) -> None:
     fake batches' codes; D gets no gradient from the G step."""
     lam, weight = 2.0, 0.3
     trainer = GANTrainer(gan_cfg(f"TRAIN.SMOOTH.LAMBDA={lam}",
-                                 f"TRAIN.CONTRASTIVE_WEIGHT={weight}"), CPU, progress=False)
+                                 f"TRAIN.CONTRASTIVE_WEIGHT={weight}",
+                                 "TRAIN.G_MINIMAL_PAIR_WEIGHT=0"), CPU, progress=False)
     calls: dict[str, list] = {}
 
     def record(name):
@@ -191,6 +192,94 @@ def test_step_wiring_as_dmgan_cl(gan_cfg, monkeypatch) -> None:
     assert stats["G"] == pytest.approx(adv + lam * (words_total + sent_total) + kl + weight * ntx,
                                        rel=1e-5)
     assert d_grads[0] == n_d_params  # one gradient per D parameter: the D step's alone
+
+
+def test_minimal_pairs_reach_d_and_g(gan_cfg, monkeypatch) -> None:
+    """TRAIN.D_MINIMAL_PAIRS 1: every mismatched sentence D sees is the frozen text tower's code
+    of a one-edit variant of that row's own caption (seed SEED + n·C + c), with the real image;
+    G_MINIMAL_PAIR_WEIGHT w adds w · the per-item CE of each half's fake codes over [caption,
+    its cached edits]."""
+    from datasets import CaptionTokenizer
+    from miscc.minimal_pairs import load_word_lists, one_edit_negatives
+
+    w, k = 0.7, 3
+    cfg = gan_cfg("TEXT.WORD_LISTS=shapes", "TRAIN.D_MINIMAL_PAIRS=1.0",
+                  f"TRAIN.G_MINIMAL_PAIR_WEIGHT={w}", f"TRAIN.MINIMAL_PAIR_EDITS={k}")
+    trainer = GANTrainer(cfg, CPU, progress=False)
+    calls: list = []
+    real_loss = trainer_mod.minimal_pair_loss
+    monkeypatch.setattr(trainer_mod, "minimal_pair_loss",
+                        lambda *a: calls.append((a, real_loss(*a))) or calls[-1][1])
+    inputs: dict[str, list] = {"D": [], "code": []}
+    for d in trainer.netDs:
+        d.register_forward_pre_hook(lambda m, a: inputs["D"].append(a))
+    real_encode = trainer.encoder.encode_image
+    monkeypatch.setattr(trainer.encoder, "encode_image",
+                        lambda x: inputs["code"].append(real_encode(x)) or inputs["code"][-1])
+    batch = next(iter(trainer.loader))
+    stats = trainer.train_step(batch)
+    b = batch["imgs"][0].shape[0]
+    index = batch["index"].repeat(2)
+    cap = torch.cat([batch["cap_idx"][:, 0], batch["cap_idx"][:, 1]])
+    lists, tokenizer = load_word_lists("shapes"), CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
+    per_image = int(cfg.TEXT.CAPTIONS_PER_IMAGE)
+    sent = trainer._text(batch)[1]
+    edits = []
+    for n, c in zip(index.tolist(), cap.tolist(), strict=True):
+        caption = trainer.dataset.info.captions[n][c]
+        texts = one_edit_negatives(caption, lists, k, int(cfg.SEED) + n * per_image + c)
+        assert texts  # every shapes caption names a shape and a colour
+        with torch.no_grad():
+            edits.append(trainer.encoder.encode_text(tokenizer(texts))[1].float())
+    for i in range(len(trainer.netDs)):
+        _, d_sent, wrong = inputs["D"][2 * i]
+        assert torch.equal(d_sent, sent)
+        for r in range(2 * b):
+            gaps = (edits[r] - wrong[r]).abs().amax(1)
+            assert float(gaps.min()) < 1e-4, f"row {r}: D's wrong caption is not an edit"
+    # G: one per-item CE per caption half, on that half's fake codes, captions and edits
+    code = inputs["code"][0][1]
+    assert len(calls) == 2
+    for h, (args, _) in zip((slice(0, b), slice(b, 2 * b)), calls, strict=True):
+        assert torch.equal(args[0], code[h]) and torch.equal(args[1], sent[h])
+        assert args[2].shape == (b, k, sent.shape[1]) and bool(args[3].any(1).all())
+    pairs = sum(float(out.detach()) for _, out in calls)
+    assert stats["G_pairs"] == pytest.approx(pairs, rel=1e-5)
+    lam = float(cfg.TRAIN.SMOOTH.LAMBDA)
+    rest = stats["G_adv"] + lam * (stats["DAMSM_words"] + stats["DAMSM_sent"]) + stats["KL"] \
+        + stats["contrastive"]
+    assert stats["G"] == pytest.approx(rest + w * pairs, rel=1e-4)
+
+
+def test_minimal_pair_wrong_replaces_a_share_with_real_edits() -> None:
+    """Share 0 keeps every mismatched row; share 1 replaces each row that has a real edit by
+    one of its real edits (never a padded slot) and keeps rows without any; share 0.5 about
+    half, reproducibly under the generator."""
+    n, k, dim = 400, 3, 4
+    wrong = torch.zeros(n, dim)
+    edits = torch.arange(1, k + 1, dtype=torch.float32).view(1, k, 1).expand(n, k, dim).clone()
+    mask = torch.zeros(n, k, dtype=torch.bool)
+    mask[::2, 1:] = True  # even rows: slots 1 and 2 are real; odd rows: none
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(trainer_mod.minimal_pair_wrong(wrong, edits, mask, 0.0, g), wrong)
+    out = trainer_mod.minimal_pair_wrong(wrong, edits, mask, 1.0, g)
+    assert torch.equal(out[1::2], wrong[1::2])
+    assert set(out[::2, 0].tolist()) == {2.0, 3.0}
+    half = trainer_mod.minimal_pair_wrong(wrong, edits, mask, 0.5,
+                                          torch.Generator().manual_seed(1))
+    again = trainer_mod.minimal_pair_wrong(wrong, edits, mask, 0.5,
+                                           torch.Generator().manual_seed(1))
+    assert torch.equal(half, again)
+    assert 70 < int((half[::2, 0] > 0).sum()) < 130
+
+
+def test_minimal_pair_switches_need_word_lists(gan_cfg) -> None:
+    with pytest.raises(ConfigError, match="TEXT.WORD_LISTS"):
+        GANTrainer(gan_cfg("TEXT.WORD_LISTS=", "TRAIN.D_MINIMAL_PAIRS=0.5"), CPU,
+                   progress=False)
+    with pytest.raises(ConfigError, match="TRAIN.D_MINIMAL_PAIRS is 2.0"):
+        GANTrainer(gan_cfg("TEXT.WORD_LISTS=shapes", "TRAIN.D_MINIMAL_PAIRS=2"), CPU,
+                   progress=False)
 
 
 def test_class_mask_switch_passes_the_batch_class_ids(gan_cfg) -> None:
@@ -412,6 +501,39 @@ def test_evaluation_writes_one_image_per_test_caption(gan_cfg, trained, tmp_path
         p.unlink()
     with pytest.warns(UserWarning, match="12 of 120 test-caption images are missing"):
         assert score_tree(cfg, single, CPU, progress=False)["images"] == 108
+
+
+def test_evaluation_scores_minimal_pairs_of_the_generated_images(gan_cfg, trained, tmp_path,
+                                                                  monkeypatch) -> None:
+    """With TEXT.WORD_LISTS the evaluation adds the generated images' minimal-pair accuracy
+    per category (each image against its own caption's variants) for the training encoder and,
+    with EVAL.INDEPENDENT_ENCODER, for the independent scorer; the independent entry is
+    scored with the independent encoder's own codes and text side."""
+    import sampling
+
+    seen: list = []
+    real = sampling.generated_pair_accuracy
+    monkeypatch.setattr(sampling, "generated_pair_accuracy",
+                        lambda codes, caps, *a: seen.append((codes, caps)) or real(codes, caps,
+                                                                                    *a))
+    torch.manual_seed(1)  # another encoder as the independent scorer
+    other = tmp_path / "other" / "clip1.pth"
+    atomic_torch_save(ClipEncoder(resolve_clip_name("tiny", ""), adapter=True)
+                      .checkpoint_state(), other)
+    cfg = gan_cfg(f"TRAIN.NET_G={trained / 'Model'}", "TEXT.WORD_LISTS=shapes",
+                  "EVAL.MINIMAL_PAIR_IMAGES=40", f"EVAL.INDEPENDENT_ENCODER={other}",
+                  eval_cfg=True)
+    result = generate_test_set(cfg, CPU, progress=False)
+    for entry in (result["minimal_pairs"], result["independent"]["minimal_pairs"]):
+        assert {"shape", "colour", "mean"} <= set(entry)
+        assert entry["colour"]["count"] == 40 and 0 < entry["colour"]["chance"] < 1
+        assert 0 <= entry["mean"]["accuracy"] <= 1
+    assert len(seen) == 2 and seen[0][1] == seen[1][1] and len(seen[0][1]) == 120
+    # each scorer's own image codes of the same 120 images
+    assert seen[0][0].shape == seen[1][0].shape == (120, 64)
+    assert not torch.allclose(seen[0][0], seen[1][0])
+    metrics = json.loads((Path(cfg.OUTPUT_DIR) / "metrics.json").read_text())
+    assert metrics["minimal_pairs"] == json.loads(json.dumps(result["minimal_pairs"]))
 
 
 def test_evaluation_on_a_tiny_test_split_samples_with_replacement(tmp_path, gan_cfg, trained,
