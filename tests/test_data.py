@@ -331,6 +331,8 @@ def test_flip_and_caption_stay_consistent(shapes_cfg, tokenizer):
             torch.manual_seed(seed)
             item = ds[index]
             truth = {c: v[0] for c, v in lists.named(ds.info.captions[index][0]).items()}
+            # both views mirrored or neither: the item's two captions agree on the sides
+            assert item["flipped"][0] == item["flipped"][1]
             for v in range(2):
                 caption = ds.info.captions[index][int(item["cap_idx"][v])]
                 mirrored = bool(item["flipped"][v])
@@ -368,9 +370,10 @@ def test_negative_pictures_change_one_named_attribute(shapes_cfg, tokenizer):
     assert len(_picture_edits(truth, {"size": ["small"]}, 6, 0)) == 2  # only two other sizes
 
     ds = minimal_pair_set(shapes_cfg, tokenizer, negatives=3, pictures=2)
-    torch.manual_seed(1)
+    seed = next(s for s in range(20) if torch.manual_seed(s) and ds[2]["flipped"].all())
+    torch.manual_seed(seed)
     item = ds[2]
-    assert item["flipped"].tolist() == [True, False]  # one mirrored view, one not
+    assert item["flipped"].tolist() == [True, True]  # mirrored views
     assert item["neg_imgs"].shape == (2, 2, 3, 32, 32) and item["neg_img_mask"].all()
     assert item["neg_tokens"].shape == (2, 3, tokenizer.context) and item["neg_mask"].any()
     truth = {c: v[0] for c, v in ds.word_lists.named(ds.info.captions[2][0]).items()}
@@ -387,7 +390,7 @@ def test_negative_pictures_change_one_named_attribute(shapes_cfg, tokenizer):
             if item["neg_mask"][v, j]:
                 assert not torch.equal(item["neg_tokens"][v, j], item["tokens"][v])
     # the same seed gives the same item
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     again = ds[2]
     assert all(torch.equal(item[k], again[k]) for k in ("neg_imgs", "neg_tokens", "tokens"))
 
