@@ -46,7 +46,8 @@ def copy_set(shapes_dir, tmp_path) -> Path:
 
 
 def test_shapes_items_at_every_scale(shapes_cfg, tokenizer):
-    cfg = shapes_cfg("TREE.BRANCH_NUM=2", "TREE.BASE_SIZE=16")
+    cfg = shapes_cfg("TREE.BRANCH_NUM=2", "TREE.BASE_SIZE=16", "TRAIN.RANDOM_CROP=True",
+                     "TRAIN.FLIP=False")
     ds = TextImageDataset(cfg, "train", tokenizer, sizes=[16, 32], views=1)
     assert len(ds) == 24
     torch.manual_seed(0)
@@ -182,7 +183,7 @@ def test_too_many_corrupt_images_fail_clearly(shapes_dir, shapes_cfg, tmp_path, 
 
 def test_cache_gives_the_same_tensors(shapes_dir, shapes_cfg, tmp_path, tokenizer):
     data = copy_set(shapes_dir, tmp_path)
-    cfg = shapes_cfg(data_dir=data)
+    cfg = shapes_cfg("TRAIN.RANDOM_CROP=True", data_dir=data)  # the 38 px cache
     index = build_image_cache(cfg, "train", load_size_for([32]), progress=False)
     assert len(index["keys"]) == 24 and index["bad"] == []
     cached = TextImageDataset(cfg, "train", tokenizer, sizes=[32], views=2)
@@ -199,7 +200,7 @@ def test_cache_gives_the_same_tensors(shapes_dir, shapes_cfg, tmp_path, tokenize
 
 def test_cache_for_another_image_list_is_refused(shapes_dir, shapes_cfg, tmp_path, tokenizer):
     data = copy_set(shapes_dir, tmp_path)
-    cfg = shapes_cfg(data_dir=data)
+    cfg = shapes_cfg("TRAIN.RANDOM_CROP=True", data_dir=data)  # the 38 px cache
     build_image_cache(cfg, "train", load_size_for([32]), progress=False)
     keys = safe_load_pickle(data / "train" / "filenames.pickle")
     (data / "text" / f"{keys[0]}.txt").write_text("")  # now skipped: a different list
