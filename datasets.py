@@ -431,11 +431,12 @@ class TextImageDataset(CroppedImages):
 
     Minimal pairs (stage 1, docs/DESIGN.md §14; `views` must be 2, caption k goes with view
     k): with `word_lists`, both views of an item are mirrored or neither, and a mirrored
-    view's caption has left and right exchanged (`flipped` [2] says which); `negatives` = K adds neg_tokens [2, K, L] (one-edit variants of each
-    caption) and neg_mask [2, K]; `negative_pictures` = M (the shapes set only) adds
-    neg_imgs [2, M, 3, S, S] (the picture redrawn by `draw_shape_image` with one attribute its
-    caption names changed, cropped/mirrored like its view; S = the largest size) and
-    neg_img_mask [2, M].
+    view's caption has left and right exchanged (`flipped` [2] says which); `negatives` = K
+    adds neg_tokens [2, K, L] (one-edit variants of each caption) and neg_mask [2, K];
+    `negative_pictures` = M (the shapes set only) adds neg_imgs [2, M, 3, S, S] (the picture
+    redrawn by `draw_shape_image` with one attribute its caption names changed,
+    cropped/mirrored like its view; S = the largest size) and neg_img_mask [2, M];
+    `redraw_pairs` adds the item's redrawn partner (`_redraw_pair`).
     """
 
     def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
