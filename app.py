@@ -5,7 +5,7 @@
 
 Each run is a folder main.py / train_clipgen.py wrote, or one of its checkpoints; both are
 loaded once. The page shows each generator's images with their CLIP scores, DM-GAN's stage-1
-word-attention map, and example captions of the test split (docs/DESIGN.md §15).
+word-attention map, and example captions of the test split (docs/DESIGN.md §16).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Both generators on one typed caption, for app.py's page (docs/DESIGN.md §15): each side's
+"""Both generators on one typed caption, for app.py's page (docs/DESIGN.md §16): each side's
 images (drawn through `drawing.draw`), their CLIP scores, DM-GAN's stage-1 word-attention map,
 example captions from the test split, and plain messages for a missing run or a long caption.
 """

@@ -341,6 +341,7 @@ class CroppedImages(Dataset):
         # scale, as evaluation does (captions that name size and position stay true)
         self.load_size = load_size_for(sizes) if train and random_crop else self.crop
         self.flip = train and flip
+        self.same_flip = False  # True: all views of an item share the first view's coin
         self.cache, self.bad = cache, bad or set()
         self._failures: set[int] = set()
 
@@ -418,6 +419,8 @@ class CroppedImages(Dataset):
         index, pixels = self._usable(index)
         chw = torch.from_numpy(pixels).permute(2, 0, 1)
         params = [self._view_params(*chw.shape[1:]) for _ in range(self.views)]
+        if self.same_flip:  # every view mirrored as the first (captions follow the flip)
+            params = [(top, left, params[0][2]) for top, left, _ in params]
         views = [self._apply_view(chw, *p) for p in params]
         return index, [torch.stack([v[s] for v in views]) for s in range(len(self.sizes))], params
 
@@ -431,12 +434,13 @@ class TextImageDataset(CroppedImages):
     items (train=False) the centre crop and captions (0, 1).
 
     Minimal pairs (stage 1, docs/DESIGN.md §14; `views` must be 2, caption k goes with view
-    k): with `word_lists`, a mirrored view's caption has left and right exchanged (`flipped`
-    [2] says which); `negatives` = K adds neg_tokens [2, K, L] (one-edit variants of each
-    caption) and neg_mask [2, K]; `negative_pictures` = M (the shapes set only) adds
-    neg_imgs [2, M, 3, S, S] (the picture redrawn by `draw_shape_image` with one attribute its
-    caption names changed, cropped/mirrored like its view; S = the largest size) and
-    neg_img_mask [2, M].
+    k): with `word_lists`, both views of an item are mirrored or neither, and a mirrored
+    view's caption has left and right exchanged (`flipped` [2] says which); `negatives` = K
+    adds neg_tokens [2, K, L] (one-edit variants of each caption) and neg_mask [2, K];
+    `negative_pictures` = M (the shapes set only) adds neg_imgs [2, M, 3, S, S] (the picture
+    redrawn by `draw_shape_image` with one attribute its caption names changed,
+    cropped/mirrored like its view; S = the largest size) and neg_img_mask [2, M];
+    `redraw_pairs` adds the item's redrawn partner (`_redraw_pair`).
     """
 
     def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
@@ -458,6 +462,10 @@ class TextImageDataset(CroppedImages):
             with contextlib.suppress(FileNotFoundError):
                 self.cache, self.bad = open_image_cache(cfg, split, self.load_size, self.keys)
         self.tokenizer, self.word_lists = tokenizer, word_lists
+        # with captions edited to match their view's mirroring, the two views of an item share
+        # one coin: NT-Xent pulls the item's two captions together, and a "left" caption must
+        # not be pulled towards a "right" one
+        self.same_flip = word_lists is not None
         self.negatives, self.negative_pictures = int(negatives), int(negative_pictures)
         self.redraw_pairs = bool(redraw_pairs)
         self._token_memo: dict[str, torch.Tensor] = {}

@@ -1,6 +1,6 @@
 """app.py and comparison.py: the page that draws a typed caption with both generators, driven in
 headless Chromium on tiny runs, and its drawing function checked against `drawing.draw` and
-generate.py (docs/DESIGN.md §15).
+generate.py (docs/DESIGN.md §15, §16).
 
 Set APP_SCREENSHOT=<file> to keep a copy of the browser test's screenshot (README's picture).
 """

@@ -46,7 +46,8 @@ def copy_set(shapes_dir, tmp_path) -> Path:
 
 
 def test_shapes_items_at_every_scale(shapes_cfg, tokenizer):
-    cfg = shapes_cfg("TREE.BRANCH_NUM=2", "TREE.BASE_SIZE=16")
+    cfg = shapes_cfg("TREE.BRANCH_NUM=2", "TREE.BASE_SIZE=16", "TRAIN.RANDOM_CROP=True",
+                     "TRAIN.FLIP=False")
     ds = TextImageDataset(cfg, "train", tokenizer, sizes=[16, 32], views=1)
     assert len(ds) == 24
     torch.manual_seed(0)
@@ -182,7 +183,7 @@ def test_too_many_corrupt_images_fail_clearly(shapes_dir, shapes_cfg, tmp_path, 
 
 def test_cache_gives_the_same_tensors(shapes_dir, shapes_cfg, tmp_path, tokenizer):
     data = copy_set(shapes_dir, tmp_path)
-    cfg = shapes_cfg(data_dir=data)
+    cfg = shapes_cfg("TRAIN.RANDOM_CROP=True", data_dir=data)  # the 38 px cache
     index = build_image_cache(cfg, "train", load_size_for([32]), progress=False)
     assert len(index["keys"]) == 24 and index["bad"] == []
     cached = TextImageDataset(cfg, "train", tokenizer, sizes=[32], views=2)
@@ -199,7 +200,7 @@ def test_cache_gives_the_same_tensors(shapes_dir, shapes_cfg, tmp_path, tokenize
 
 def test_cache_for_another_image_list_is_refused(shapes_dir, shapes_cfg, tmp_path, tokenizer):
     data = copy_set(shapes_dir, tmp_path)
-    cfg = shapes_cfg(data_dir=data)
+    cfg = shapes_cfg("TRAIN.RANDOM_CROP=True", data_dir=data)  # the 38 px cache
     build_image_cache(cfg, "train", load_size_for([32]), progress=False)
     keys = safe_load_pickle(data / "train" / "filenames.pickle")
     (data / "text" / f"{keys[0]}.txt").write_text("")  # now skipped: a different list
@@ -331,6 +332,8 @@ def test_flip_and_caption_stay_consistent(shapes_cfg, tokenizer):
             torch.manual_seed(seed)
             item = ds[index]
             truth = {c: v[0] for c, v in lists.named(ds.info.captions[index][0]).items()}
+            # both views mirrored or neither: the item's two captions agree on the sides
+            assert item["flipped"][0] == item["flipped"][1]
             for v in range(2):
                 caption = ds.info.captions[index][int(item["cap_idx"][v])]
                 mirrored = bool(item["flipped"][v])
@@ -368,9 +371,10 @@ def test_negative_pictures_change_one_named_attribute(shapes_cfg, tokenizer):
     assert len(_picture_edits(truth, {"size": ["small"]}, 6, 0)) == 2  # only two other sizes
 
     ds = minimal_pair_set(shapes_cfg, tokenizer, negatives=3, pictures=2)
-    torch.manual_seed(1)
+    seed = next(s for s in range(20) if torch.manual_seed(s) and ds[2]["flipped"].all())
+    torch.manual_seed(seed)
     item = ds[2]
-    assert item["flipped"].tolist() == [True, False]  # one mirrored view, one not
+    assert item["flipped"].tolist() == [True, True]  # mirrored views
     assert item["neg_imgs"].shape == (2, 2, 3, 32, 32) and item["neg_img_mask"].all()
     assert item["neg_tokens"].shape == (2, 3, tokenizer.context) and item["neg_mask"].any()
     truth = {c: v[0] for c, v in ds.word_lists.named(ds.info.captions[2][0]).items()}
@@ -387,7 +391,7 @@ def test_negative_pictures_change_one_named_attribute(shapes_cfg, tokenizer):
             if item["neg_mask"][v, j]:
                 assert not torch.equal(item["neg_tokens"][v, j], item["tokens"][v])
     # the same seed gives the same item
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     again = ds[2]
     assert all(torch.equal(item[k], again[k]) for k in ("neg_imgs", "neg_tokens", "tokens"))
 
