@@ -85,55 +85,43 @@ def checks(work: Path, bench_steps: int) -> list[Check]:
     vqs = [*COMMON, *VQ, data]
     gpt = [*COMMON, *GPT, data, enc, vq]
     quiet = "--no-progress"
-    list_ = [
+
+    def trainer(label: str, script: str, cfg: str, sets: list[str], run: str, model: str,
+                first: str = "") -> list[Check]:
+        """AMP + channels-last in `run`; resumed there with fp16 + GradScaler forced; DDP on
+        nccl in `run`_ddp. `model` names the epoch checkpoint with {e} for the epoch."""
+        ddp = f"{run}_ddp"
+        return [
+            Check(f"{label}: {first or 'AMP + channels-last'}",
+                  _python(script, cfg, [*sets, out(run)], quiet), ["done: epoch 1"],
+                  [f"{run}/Model/{model.format(e=1)}"]),
+            Check(f"{label}: fp16 + GradScaler, resumed",
+                  _python(script, cfg, [*sets, out(run), *FP16_RESUME], quiet),
+                  ["resuming from", "done: epoch 2"], [f"{run}/Model/{model.format(e=2)}"]),
+            Check(f"{label}: DDP on nccl", _python(script, cfg, [*sets, out(ddp)], quiet),
+                  ["nccl", "done: epoch 1"], [f"{ddp}/Model/{model.format(e=1)}"],
+                  torchrun=True),
+        ]
+
+    stage1 = trainer("stage 1", "pretrain_DAMSM.py", "cfg/DAMSM/shapes.yml", s1, "s1",
+                     "clip{e}.pth")
+    stage2 = trainer("stage 2", "main.py", "cfg/clip_shapes_DMGAN.yml", s2, "s2",
+                     "netG_epoch_{e}.pth")
+    vqgan = trainer("VQGAN", "train_vqgan.py", "cfg/VQGAN/shapes.yml", vqs, "vq",
+                    "vqgan{e}.pth")
+    clipgen = trainer("CLIP-GEN", "train_clipgen.py", "cfg/clipgen_shapes.yml", gpt, "gpt",
+                      "gpt_epoch_{e}.pth", "AMP, token cache, sampling the test split")
+    clipgen[0].files.append("gpt/metrics.json")
+    return [
         Check("data: shapes set", ["prepare_data.py", "shapes", "--out", str(work / "data"),
                                    *DATA], files=["data/train/filenames.pickle"]),
-        Check("stage 1: AMP + channels-last",
-              _python("pretrain_DAMSM.py", "cfg/DAMSM/shapes.yml", [*s1, out("s1")], quiet),
-              ["done: epoch 1"], ["s1/Model/clip1.pth"]),
-        Check("stage 1: fp16 + GradScaler, resumed",
-              _python("pretrain_DAMSM.py", "cfg/DAMSM/shapes.yml",
-                      [*s1, out("s1"), *FP16_RESUME], quiet),
-              ["resuming from", "done: epoch 2"], ["s1/Model/clip2.pth"]),
-        Check("stage 1: DDP on nccl",
-              _python("pretrain_DAMSM.py", "cfg/DAMSM/shapes.yml", [*s1, out("s1_ddp")], quiet),
-              ["nccl", "done: epoch 1"], ["s1_ddp/Model/clip1.pth"], torchrun=True),
-        Check("stage 2: AMP + channels-last",
-              _python("main.py", "cfg/clip_shapes_DMGAN.yml", [*s2, out("s2")], quiet),
-              ["done: epoch 1"], ["s2/Model/netG_epoch_1.pth"]),
-        Check("stage 2: fp16 + GradScaler, resumed",
-              _python("main.py", "cfg/clip_shapes_DMGAN.yml", [*s2, out("s2"), *FP16_RESUME],
-                      quiet),
-              ["resuming from", "done: epoch 2"], ["s2/Model/netG_epoch_2.pth"]),
-        Check("stage 2: DDP on nccl",
-              _python("main.py", "cfg/clip_shapes_DMGAN.yml", [*s2, out("s2_ddp")], quiet),
-              ["nccl", "done: epoch 1"], ["s2_ddp/Model/netG_epoch_1.pth"], torchrun=True),
+        *stage1, *stage2,
         Check("stage 2: evaluation (test split, R-precision)",
               _python("main.py", "cfg/eval_clip_shapes.yml",
                       ["GPU_ID=0", "TRAIN.AMP=True", *STAGE2, data, enc, out("s2"),
                        f"TRAIN.NET_G={work / 's2' / 'Model'}"], quiet),
               [], ["s2/metrics.json", "s2/valid/single/**/*.png"]),
-        Check("VQGAN: AMP + channels-last",
-              _python("train_vqgan.py", "cfg/VQGAN/shapes.yml", [*vqs, out("vq")], quiet),
-              ["done: epoch 1"], ["vq/Model/vqgan1.pth"]),
-        Check("VQGAN: fp16 + GradScaler, resumed",
-              _python("train_vqgan.py", "cfg/VQGAN/shapes.yml", [*vqs, out("vq"), *FP16_RESUME],
-                      quiet),
-              ["resuming from", "done: epoch 2"], ["vq/Model/vqgan2.pth"]),
-        Check("VQGAN: DDP on nccl",
-              _python("train_vqgan.py", "cfg/VQGAN/shapes.yml", [*vqs, out("vq_ddp")], quiet),
-              ["nccl", "done: epoch 1"], ["vq_ddp/Model/vqgan1.pth"], torchrun=True),
-        Check("CLIP-GEN: AMP, token cache, sampling the test split",
-              _python("train_clipgen.py", "cfg/clipgen_shapes.yml", [*gpt, out("gpt")], quiet),
-              ["done: epoch 1"], ["gpt/Model/gpt_epoch_1.pth", "gpt/metrics.json"]),
-        Check("CLIP-GEN: fp16 + GradScaler, resumed",
-              _python("train_clipgen.py", "cfg/clipgen_shapes.yml",
-                      [*gpt, out("gpt"), *FP16_RESUME], quiet),
-              ["resuming from", "done: epoch 2"], ["gpt/Model/gpt_epoch_2.pth"]),
-        Check("CLIP-GEN: DDP on nccl",
-              _python("train_clipgen.py", "cfg/clipgen_shapes.yml", [*gpt, out("gpt_ddp")],
-                      quiet),
-              ["nccl", "done: epoch 1"], ["gpt_ddp/Model/gpt_epoch_1.pth"], torchrun=True),
+        *vqgan, *clipgen,
         Check("CLIP-GEN: image-conditioned evaluation",
               _python("train_clipgen.py", "cfg/clipgen_shapes.yml",
                       [*gpt, out("gpt"), "CLIPGEN.CONDITION=image"], quiet, "--eval"),
@@ -143,7 +131,6 @@ def checks(work: Path, bench_steps: int) -> list[Check]:
                "--vq-batch", "2", "--sampler-batch", "4"],
               ["| AMP + channels_last |"]),
     ]
-    return list_
 
 
 def command(check: Check) -> list[str]:
