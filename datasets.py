@@ -438,15 +438,16 @@ class TextImageDataset(CroppedImages):
     view's caption has left and right exchanged (`flipped` [2] says which); `negatives` = K
     adds neg_tokens [2, K, L] (one-edit variants of each caption) and neg_mask [2, K];
     `negative_pictures` = M (the shapes set only) adds neg_imgs [2, M, 3, S, S] (the picture
-    redrawn by `draw_shape_image` with one attribute its caption names changed,
-    cropped/mirrored like its view; S = the largest size) and neg_img_mask [2, M];
+    redrawn by `draw_shape_image` with one attribute its caption names changed, one of
+    `picture_attributes` when the caption names any, cropped/mirrored like its view; S = the
+    largest size) and neg_img_mask [2, M];
     `redraw_pairs` adds the item's redrawn partner (`_redraw_pair`).
     """
 
     def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
                  views: int = 1, train: bool = True, use_cache: bool = True,
                  word_lists=None, negatives: int = 0, negative_pictures: int = 0,
-                 redraw_pairs: bool = False) -> None:
+                 redraw_pairs: bool = False, picture_attributes: tuple[str, ...] = ()) -> None:
         self.info = read_split(cfg, split)
         super().__init__(self.info.keys, self.info.image_paths, self.info.boxes, split, sizes,
                          views, train, bool(cfg.TRAIN.FLIP),
@@ -468,6 +469,11 @@ class TextImageDataset(CroppedImages):
         self.same_flip = word_lists is not None
         self.negatives, self.negative_pictures = int(negatives), int(negative_pictures)
         self.redraw_pairs = bool(redraw_pairs)
+        self.picture_attributes = tuple(picture_attributes)
+        unknown = set(self.picture_attributes) - set(SHAPE_ATTRIBUTES)
+        if unknown:
+            raise DataError(f"TRAIN.NEGATIVE_PICTURE_ATTRIBUTES: {sorted(unknown)} are not shapes "
+                            f"attributes; expected a list drawn from {list(SHAPE_ATTRIBUTES)}")
         self._token_memo: dict[str, torch.Tensor] = {}
         self._drawn: dict[tuple, np.ndarray] = {}
         if (self.negatives or self.negative_pictures or word_lists is not None) and views != 2:
@@ -563,7 +569,9 @@ class TextImageDataset(CroppedImages):
             neg_img_mask = torch.zeros(2, m, dtype=torch.bool)
             truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
             for v, caption in enumerate(captions):
-                edits = _picture_edits(truth, lists.named(caption), m,
+                named = lists.named(caption)
+                preferred = {a: v for a, v in named.items() if a in self.picture_attributes}
+                edits = _picture_edits(truth, preferred or named, m,
                                        int(torch.randint(0, 2**31 - 1, ())))
                 for j, attrs in enumerate(edits):
                     chw = torch.from_numpy(self._redraw(attrs)).permute(2, 0, 1)

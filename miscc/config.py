@@ -88,6 +88,10 @@ def default_config() -> EasyDict:
                 # HARD_NEGATIVE_SCALE, weighted by HARD_NEGATIVE_WEIGHT
                 "HARD_NEGATIVES": 0,
                 "NEGATIVE_PICTURES": 0,
+                # comma-separated attributes the redrawn pictures change when the caption
+                # names any of them ('' = any it names): the ones the image code is slowest
+                # to carry
+                "NEGATIVE_PICTURE_ATTRIBUTES": "",
                 "HARD_NEGATIVE_WEIGHT": 1.0,
                 "HARD_NEGATIVE_SCALE": 10.0,
                 "HARD_NEGATIVES_IN_DAMSM": True,

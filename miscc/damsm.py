@@ -138,7 +138,11 @@ class DAMSMTrainer(EpochTrainer):
                                         train=True, use_cache=cache, word_lists=self.word_lists,
                                         negatives=int(cfg.TRAIN.HARD_NEGATIVES),
                                         negative_pictures=int(cfg.TRAIN.NEGATIVE_PICTURES),
-                                        redraw_pairs=bool(cfg.TRAIN.REDRAW_PAIRS))
+                                        redraw_pairs=bool(cfg.TRAIN.REDRAW_PAIRS),
+                                        picture_attributes=tuple(
+                                            a.strip() for a in str(
+                                                cfg.TRAIN.NEGATIVE_PICTURE_ATTRIBUTES).split(",")
+                                            if a.strip()))
         self.sampler, self.loader = seeded_train_loader(self.dataset, self.batch, cfg, device,
                                                         rank, world)
         self.test = TextImageDataset(cfg, "test", self.tokenizer, sizes, views=1, train=False,

@@ -291,14 +291,15 @@ def test_flip_switch(shapes_cfg, tokenizer):
 
 # ------------------------------------------------------------------------- minimal pairs
 def minimal_pair_set(shapes_cfg, tokenizer, *overrides, negatives=0, pictures=0,
-                     redraw=False):
+                     redraw=False, picture_attributes=()):
     from miscc.minimal_pairs import load_word_lists
 
     cfg = shapes_cfg("TRAIN.FLIP=True", "TRAIN.RANDOM_CROP=False", "TEXT.WORD_LISTS=shapes",
                      *overrides)
     return TextImageDataset(cfg, "train", tokenizer, [32], views=2, use_cache=False,
                             word_lists=load_word_lists("shapes"), negatives=negatives,
-                            negative_pictures=pictures, redraw_pairs=redraw)
+                            negative_pictures=pictures, redraw_pairs=redraw,
+                            picture_attributes=picture_attributes)
 
 
 def test_no_random_crop_trains_on_the_whole_frame(shapes_cfg, tokenizer):
@@ -394,6 +395,40 @@ def test_negative_pictures_change_one_named_attribute(shapes_cfg, tokenizer):
     torch.manual_seed(seed)
     again = ds[2]
     assert all(torch.equal(item[k], again[k]) for k in ("neg_imgs", "neg_tokens", "tokens"))
+
+
+def test_negative_pictures_prefer_the_listed_attributes(shapes_cfg, tokenizer):
+    """TRAIN.NEGATIVE_PICTURE_ATTRIBUTES: a redrawn picture changes a listed attribute whenever
+    the view's caption names one, and any named attribute otherwise; unknown names fail."""
+    ds = minimal_pair_set(shapes_cfg, tokenizer, pictures=2,
+                          picture_attributes=("position", "background"))
+    from datasets import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
+
+    values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS,
+              "background": BACKGROUNDS}
+    lists, seen = ds.word_lists, {True: set(), False: set()}
+    for index in range(len(ds)):
+        torch.manual_seed(index)
+        item = ds[index]
+        truth = {c: v[0] for c, v in lists.named(ds.info.captions[index][0]).items()}
+        for v in range(2):
+            caption = ds.info.captions[index][int(item["cap_idx"][v])]
+            named = set(lists.named(caption))
+            listed = bool(named & {"position", "background"})
+            flip = bool(item["flipped"][v])
+            for j in range(2):
+                if not item["neg_img_mask"][v, j]:
+                    continue
+                changed = [a for a in named for value in values[a] if value != truth[a]
+                           and torch.equal(item["neg_imgs"][v, j], ds._apply_view(
+                               torch.from_numpy(ds._redraw({**truth, a: value})).permute(2, 0, 1),
+                               0, 0, flip)[0])]
+                assert changed, (index, v, j)
+                seen[listed].update(changed)
+    assert seen[True] <= {"position", "background"} and seen[True]
+    assert seen[False] & {"shape", "colour"}  # captions naming neither still get pictures
+    with pytest.raises(DataError, match="NEGATIVE_PICTURE_ATTRIBUTES"):
+        minimal_pair_set(shapes_cfg, tokenizer, pictures=1, picture_attributes=("place",))
 
 
 def test_minimal_pairs_need_word_lists(shapes_cfg, tokenizer):
