@@ -34,6 +34,7 @@ from miscc.training import (
     load_resume_state,
     load_scaler_state,
     loader_options,
+    memory_format,
     resolve_checkpoint,
     seeded_train_loader,
 )
@@ -158,7 +159,10 @@ class DAMSMTrainer(EpochTrainer):
 
         # model, optimizer, schedule
         torch.manual_seed(int(cfg.SEED))
-        self.encoder = build_encoder(cfg).to(device).train()
+        # channels-last on CPU too: the image tower's step ran 1.3x faster on the shapes
+        # batches (docs/configuration.md, TRAIN.CHANNELS_LAST)
+        self.memory_format = memory_format(bool(cfg.TRAIN.CHANNELS_LAST))
+        self.encoder = build_encoder(cfg).to(device, memory_format=self.memory_format).train()
         new = {id(p) for p in self.encoder.new_parameters()}
         groups = [
             {"params": [p for p in self.encoder.parameters() if p.requires_grad
@@ -257,6 +261,7 @@ class DAMSMTrainer(EpochTrainer):
             text = torch.cat([text, neg_text[0][neg_text[1]]])
         if neg_pics is not None:
             images = torch.cat([images, neg_pics[0][neg_pics[1]]])
+        images = images.contiguous(memory_format=self.memory_format)
         with self._autocast():  # one forward over both pairs: [a-captions; b-captions; ...]
             words, sent, mask, regions, code = model(text, images)
         neg_sent = _unpack(sent[2 * b:], neg_text)  # [2B, K, D] or None

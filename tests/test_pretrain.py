@@ -155,6 +155,29 @@ def test_minimal_pairs_reach_the_losses(tiny_cfg, tmp_path) -> None:
     assert masked_parts[4] == 0 and torch.equal(masked, want)
 
 
+def test_channels_last_on_cpu_gives_the_same_losses(tiny_cfg, tmp_path) -> None:
+    """TRAIN.CHANNELS_LAST: the image tower's convolutions and the batch it sees are
+    channels-last on CPU too, and a step's losses equal the contiguous ones."""
+    runs = {}
+    for flag in (True, False):
+        torch.manual_seed(0)
+        trainer = DAMSMTrainer(tiny_cfg(tmp_path / str(flag), *MINIMAL,
+                                        f"TRAIN.CHANNELS_LAST={flag}"), CPU, progress=False)
+        convs = [m.weight for m in trainer.encoder.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == flag
+                             for w in convs)
+        seen = []
+        encode = trainer.encoder.encode_image
+        trainer.encoder.encode_image = lambda x, f=encode, s=seen: s.append(x) or f(x)
+        trainer.sampler.set_epoch(0)
+        batch = next(iter(trainer.loader))
+        with torch.no_grad():
+            runs[flag] = trainer.losses(batch, trainer.encoder)[1]
+        assert seen[0].is_contiguous(memory_format=torch.channels_last) == flag
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-4, atol=1e-5)
+
+
 def test_redraw_pairs_join_the_batch(tiny_cfg, tmp_path) -> None:
     """TRAIN.REDRAW_PAIRS: each item's redrawn partner is an item of its own in every loss
     (2B captions of each view, 2B views of each kind); partners have no negatives."""
