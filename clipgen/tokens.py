@@ -4,8 +4,9 @@ encoder, so that training the transformer (with the reconstruction term off) rea
 
 Files (`<CACHE_DIR>/tokens_<key>/`): tokens.npy [V·N, t·t] (int16, or int32 past 32,767 codes),
 emb.npy [V·N, E] float32, row v·N + i = view v of image i; meta.json last. The key hashes both
-models' weights, the image list, the number of views, the image size and the seed. View v of
-image i is the crop `SeededItems` draws for (epoch v, index i): the same on every machine.
+models' weights, the image list, the number of views, how they are drawn (size, crop, flip)
+and the seed. View v of image i is the crop `SeededItems` draws for (epoch v, index i): the
+same on every machine.
 """
 
 from __future__ import annotations
@@ -47,11 +48,17 @@ class TokenCache:
                 torch.from_numpy(np.array(self.emb[i], dtype=np.float32)))
 
 
-def cache_key(vq: VQModel, encoder: ClipEncoder, keys: list[str], views: int, size: int,
+def view_recipe(data: TokenizerImages) -> str:
+    """How `data` draws a training view (size, the random crop's load size, flips): a cache
+    built with other views must not be reused when TRAIN.RANDOM_CROP or TRAIN.FLIP change."""
+    return f"crop {data.crop} of {data.load_size}, flip {data.flip}"
+
+
+def cache_key(vq: VQModel, encoder: ClipEncoder, keys: list[str], views: int, recipe: str,
               seed: int) -> str:
-    """The cache folder's key: both models' weights, the images, views, size and seed."""
+    """The cache folder's key: both models' weights, the images, views, their recipe, seed."""
     text = "|".join([encoder_digest(vq), encoder_digest(encoder), keys_digest(keys),
-                     str(views), str(size), str(seed)])
+                     str(views), recipe, str(seed)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -83,7 +90,7 @@ def token_cache(root: Path, data: TokenizerImages, vq: VQModel, encoder: ClipEnc
                 workers: int = 0, progress: bool = True) -> TokenCache:
     """Open the token cache under `root` for these models and images, building it first (the
     first process of each node builds; the others wait) when it does not exist yet."""
-    key = cache_key(vq, encoder, data.keys, views, max(data.sizes), seed)
+    key = cache_key(vq, encoder, data.keys, views, view_recipe(data), seed)
     folder = root / f"tokens_{key}"
     meta = folder / "meta.json"
     if is_local_main_process() and not meta.is_file():

@@ -10,7 +10,7 @@ from test_vqgan import vq_cfg
 
 import clipgen.tokens as tokens_mod
 from clipgen.data import TokenizerImages
-from clipgen.tokens import cache_key, token_cache
+from clipgen.tokens import cache_key, token_cache, view_recipe
 from clipgen.vqgan import VQModel
 from miscc.training import SeededItems
 from model import ClipEncoder, resolve_clip_name
@@ -59,10 +59,31 @@ def test_cache_key_follows_models_images_and_views(shapes_dir, tmp_path) -> None
     cfg = vq_cfg(shapes_dir, tmp_path)
     data = TokenizerImages(cfg, "train", train=True, use_cache=False)
     vq, encoder = models(cfg)
-    key = cache_key(vq, encoder, data.keys, 2, 16, 5)
-    assert cache_key(vq, encoder, data.keys, 2, 16, 5) == key
-    assert cache_key(vq, encoder, data.keys, 3, 16, 5) != key
-    assert cache_key(vq, encoder, data.keys[:-1], 2, 16, 5) != key
+    recipe = view_recipe(data)
+    key = cache_key(vq, encoder, data.keys, 2, recipe, 5)
+    assert cache_key(vq, encoder, data.keys, 2, recipe, 5) == key
+    assert cache_key(vq, encoder, data.keys, 3, recipe, 5) != key
+    assert cache_key(vq, encoder, data.keys[:-1], 2, recipe, 5) != key
+    assert cache_key(vq, encoder, data.keys, 2, recipe, 6) != key
     with torch.no_grad():
         vq.decoder.conv_out.bias.add_(1.0)
-    assert cache_key(vq, encoder, data.keys, 2, 16, 5) != key
+    assert cache_key(vq, encoder, data.keys, 2, recipe, 5) != key
+
+
+@pytest.mark.parametrize("setting", ["TRAIN.FLIP", "TRAIN.RANDOM_CROP"])
+def test_views_drawn_otherwise_get_a_cache_of_their_own(shapes_dir, tmp_path, setting) -> None:
+    """Switching flips or the random crop must not reuse tokens of differently drawn views."""
+    cfg = vq_cfg(shapes_dir, tmp_path / "out")
+    vq, encoder = models(cfg)
+    root = tmp_path / "cache"
+    first = TokenizerImages(cfg, "train", train=True, use_cache=False)
+    token_cache(root, first, vq, encoder, CPU, views=1, seed=5, progress=False)
+    section, key = setting.split(".")
+    switched = vq_cfg(shapes_dir, tmp_path / "out", f"{setting}={not cfg[section][key]}")
+    other = TokenizerImages(switched, "train", train=True, use_cache=False)
+    assert view_recipe(other) != view_recipe(first)
+    again = token_cache(root, other, vq, encoder, CPU, views=1, seed=5, progress=False)
+    assert len(list(root.glob("tokens_*"))) == 2
+    want = SeededItems(other, 5)[(0, 0)]["image"][None]
+    with torch.no_grad():
+        assert torch.equal(again.rows(torch.tensor([0]))[0], vq.encode(want).flatten(1))
