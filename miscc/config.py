@@ -71,12 +71,12 @@ def default_config() -> EasyDict:
                 # auto: bf16 where the GPU computes it natively, else fp16 + GradScaler;
                 # float16 forces the fp16 path (gpu_check.py runs it on bf16 GPUs too)
                 "AMP_DTYPE": "auto",
-                "CHANNELS_LAST": True,  # CUDA (and the VQGAN tokenizer on CPU)
+                "CHANNELS_LAST": True,  # CUDA (and stage 1 and the VQGAN tokenizer on CPU)
                 "PIN_MEMORY": True,
                 "PERSISTENT_WORKERS": True,
                 "USE_CACHE": True,  # read the prepare_data.py image cache when it exists
-                "FLIP": True,  # random horizontal flips in training (off when captions name
-                # left/right, as in the shapes set)
+                "FLIP": True,  # random horizontal flips in training; with TEXT.WORD_LISTS a
+                # mirrored picture's caption has left and right exchanged
                 # AttnGAN's training crop: load at 76/64 of the size, cut a random crop back.
                 # False: the whole frame at the test scale (where captions name size and
                 # position the crop would contradict them: docs/DESIGN.md §14)
