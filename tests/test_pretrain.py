@@ -182,7 +182,8 @@ def test_redraw_pairs_join_the_batch(tiny_cfg, tmp_path) -> None:
     """TRAIN.REDRAW_PAIRS: each item's redrawn partner is an item of its own in every loss
     (2B captions of each view, 2B views of each kind); partners have no negatives."""
     cfg = tiny_cfg(tmp_path, "TEXT.WORD_LISTS=shapes", "TRAIN.RANDOM_CROP=False",
-                   "TRAIN.REDRAW_PAIRS=True", "TRAIN.HARD_NEGATIVES=2")
+                   "TRAIN.REDRAW_PAIRS=True", "TRAIN.HARD_NEGATIVES=2",
+                   "TRAIN.NEGATIVE_PICTURES=0")
     trainer = DAMSMTrainer(cfg, CPU, progress=False)
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.loader))
