@@ -3,9 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# torch's OpenMP threads sleep instead of spinning between parallel regions: with the default
-# spin-waiting a 2-thread run on a machine whose other core is busy ran ~4x slower (docs/benchmarks.md)
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: test lint bench demo demo-clipgen gpu-check picture app app-deps
 

@@ -1,13 +1,12 @@
 """Library code shared by the command lines.
 
-Importing the package sets OpenMP's wait policy to PASSIVE (unless the environment already sets
-one) before torch loads its OpenMP runtime: with the default spin-waiting, torch's threads burn
-their cores between parallel regions, and on a machine where another process keeps a core busy
-a two-thread run became about 4x slower than a one-thread run (docs/DESIGN.md §11,
-docs/benchmarks.md).
-The command lines import this package before torch; the Makefile exports the same setting.
+Importing the package picks OpenMP's wait policy before torch loads its OpenMP runtime
+(`miscc.wait_policy`): threads spin on idle cores, where that is fastest, and sleep between
+parallel regions when another process already keeps a core busy, where spinning made a
+two-thread run collapse (docs/DESIGN.md §11, docs/benchmarks.md). The command lines import this
+package before torch.
 """
 
-import os
+from miscc import wait_policy
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+wait_policy.apply()
