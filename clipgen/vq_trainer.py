@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -29,7 +30,9 @@ from clipgen.vq_losses import (
     load_lpips,
 )
 from clipgen.vqgan import VQArch, VQModel, check_same_arch, read_arch
+from datasets import read_split
 from miscc.config import to_plain
+from miscc.judge import EvalJudge, judge_row, to_tensor
 from miscc.pictures import save_png_file
 from miscc.training import (
     EpochTrainer,
@@ -154,6 +157,8 @@ def evaluate_tokenizer(cfg, device: torch.device, vq: VQModel | None = None,
     result.update(n_embed=vq.arch.n_embed, tokens=f"{vq.arch.tokens_side}x"
                   f"{vq.arch.tokens_side}", checkpoint=checkpoint, path=str(out / "single"),
                   skipped=data.skipped)
+    if data.layout:
+        result.update(judge_reconstructions(cfg, out / "single"))
     metrics = Path(cfg.OUTPUT_DIR) / "metrics.json"
     atomic_write_bytes(metrics, json.dumps(result, indent=2).encode())
     rfid = (f"python fid_score.py --path {out / 'single'} {real}" if real else
@@ -162,8 +167,27 @@ def evaluate_tokenizer(cfg, device: torch.device, vq: VQModel | None = None,
           f"{result['codebook_usage']:.1%} ({result['codes_used']}/{vq.arch.n_embed}) over "
           f"{result['images']} images\nwrote the reconstructions to {out / 'single'} and "
           f"{metrics}; rFID: {rfid}")
+    if "judge" in result:
+        print("shapes judge on the reconstructions (% showing what the picture's first caption "
+              f"names): {judge_row(result['judge'])}")
     barrier()
     return result
+
+
+def judge_reconstructions(cfg, folder: Path) -> dict:
+    """On a shapes set (see `miscc.judge.judge_path`): the judge's reading of each test
+    picture's reconstruction in `folder` against the picture's first caption, which names all
+    five attributes: what the tokens can carry, the ceiling of CLIP-GEN's judge scores. The
+    metrics.json entries `judge`, `judge_real`, `judge_chance`; {} where no judge applies."""
+    info = read_split(cfg, "test")
+    judge = EvalJudge.from_config(cfg, info)
+    if judge is None:
+        return {}
+    rows = [i for i, k in enumerate(info.keys) if (folder / f"{k}.png").is_file()]
+    if not rows:
+        return {}
+    x = torch.stack([to_tensor(Image.open(folder / f"{info.keys[i]}.png")) for i in rows])
+    return judge.metrics(torch.tensor([[i, 0] for i in rows]), judge.predict(x))
 
 
 class VQGANTrainer(EpochTrainer):

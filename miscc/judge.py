@@ -291,14 +291,17 @@ class EvalJudge:
                 "judge_chance": metrics_entry(chance())}
 
 
+def judge_row(entry: dict) -> str:
+    """One metrics entry as `shape 53.6  colour 91.9 ... mean 79.9` (percent)."""
+    return "  ".join(f"{a} {'-' if entry[a] is None else f'{100 * entry[a]:.1f}'}"
+                     for a in (*ATTRIBUTES, "mean"))
+
+
 def judge_lines(result: dict) -> list[str]:
     """Printed summary of the judge entries of a metrics result (none when absent)."""
     if "judge" not in result:
         return []
-
-    def row(entry: dict) -> str:
-        return "  ".join(f"{a} {'-' if entry[a] is None else f'{100 * entry[a]:.1f}'}"
-                         for a in (*ATTRIBUTES, "mean"))
+    row = judge_row
 
     return ["shapes judge (% of images showing what their caption names):",
             f"  generated ({result['judge']['images']} images): {row(result['judge'])}",

@@ -22,6 +22,7 @@ from PIL import Image
 from clipgen.data import TokenizerImages, folder_split
 from clipgen.quantizer import VectorQuantizer, nearest_codes
 from clipgen.vq_losses import adaptive_weight, hinge_d_loss, load_lpips
+from clipgen.vq_trainer import judge_reconstructions
 from clipgen.vqgan import VQArch, VQModel
 from miscc.config import ConfigError, load_config
 
@@ -303,6 +304,39 @@ def test_training_writes_checkpoints_pictures_and_metrics(trained, shapes_dir) -
     assert state["disc"] is not None and state["step"] == 12
     logs = list((trained / "logs").glob("events.out.tfevents.*"))
     assert logs
+    # on a shapes set the judge reads the reconstructions (what CLIP-GEN's tokens can carry)
+    assert metrics["judge"]["images"] == 12 and metrics["judge_real"]["shape"] == 1.0
+    assert set(metrics["judge"]) == {"shape", "colour", "size", "pos", "bg", "mean", "images",
+                                     "weights"}
+
+
+def test_judge_reconstructions_reads_each_picture_against_its_own_caption(shapes_dir,
+                                                                         tmp_path) -> None:
+    """The real test pictures as "reconstructions" score as the real ones do; each one saved
+    under its neighbour's name scores what the judge sees against the neighbour's caption."""
+    from datasets import read_split
+    from miscc.judge import ATTRIBUTES, SHIPPED, caption_truth, load_judge, predict, to_tensor
+
+    cfg = vq_cfg(shapes_dir, tmp_path / "out")
+    info = read_split(cfg, "test")
+    real = [Image.open(p).convert("RGB") for p in info.image_paths]
+    same, shifted = tmp_path / "same", tmp_path / "shifted"
+    for i, key in enumerate(info.keys):
+        for folder, img in ((same, real[i]), (shifted, real[(i + 1) % len(real)])):
+            (folder / key).parent.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{key}.png")
+    got = judge_reconstructions(cfg, same)
+    assert got["judge"] == {**got["judge_real"], "weights": str(SHIPPED)}
+    pred = predict(load_judge(SHIPPED)[0], torch.stack([to_tensor(im) for im in real]))
+    truth = torch.tensor([caption_truth(c[0]) for c in info.captions])
+    moved = judge_reconstructions(cfg, shifted)["judge"]
+    for j, name in enumerate(ATTRIBUTES):
+        want = float((pred.roll(-1, 0)[:, j] == truth[:, j]).float().mean())
+        assert moved[name] == pytest.approx(want)
+    assert moved["colour"] < 1.0  # neighbours differ, so the comparison can fail
+    assert judge_reconstructions(cfg, tmp_path / "empty") == {}
+    off = vq_cfg(shapes_dir, tmp_path / "out", "EVAL.JUDGE=none")
+    assert judge_reconstructions(off, same) == {}
 
 
 def test_eval_mode_recomputes_the_same_metrics(trained, shapes_dir, tmp_path) -> None:
