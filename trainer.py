@@ -63,6 +63,15 @@ STATE_FORMAT = "dmgan-train-state/2"  # /2: released DM-GAN networks (model.GENE
 
 
 # ---------------------------------------------------------------------------- minimal pairs
+def lr_factor(step: int, total: int, decay_start: float) -> float:
+    """1 before `decay_start`·total steps, then falling linearly to 0 at step `total` (the
+    second-half decay of pix2pix/CycleGAN); `decay_start` ≥ 1 keeps the rate constant."""
+    begin = decay_start * total
+    if decay_start >= 1.0 or step < begin:
+        return 1.0
+    return max(0.0, (total - step) / max(total - begin, 1.0))
+
+
 def minimal_pair_wrong(wrong: torch.Tensor, edits: torch.Tensor, mask: torch.Tensor,
                        share: float, generator: torch.Generator) -> torch.Tensor:
     """D's mismatched sentences [N, D] with a `share` of the rows (each independently, drawn
@@ -90,6 +99,10 @@ class GANTrainer(EpochTrainer):
                  fresh: bool = False, progress: bool = True) -> None:
         super().__init__(cfg, device, rank, world, fresh, progress)
         self.memory_format = memory_format(bool(cfg.TRAIN.CHANNELS_LAST) and self.cuda)
+        decay = float(cfg.TRAIN.LR_DECAY_START)
+        if not 0.0 <= decay <= 1.0:
+            raise ConfigError(f"TRAIN.LR_DECAY_START is {decay}: expected a fraction of the "
+                              "training in [0, 1] (1 = constant learning rates)")
 
         self.encoder = load_frozen_encoder(cfg, device)
         tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
@@ -237,6 +250,7 @@ class GANTrainer(EpochTrainer):
         DAMSM and KL losses plus CONTRASTIVE_WEIGHT · NT-Xent between the two fake batches'
         CLIP codes. Returns the loss values (averaged over processes), read once per step."""
         cfg, dev = self.cfg, self.device
+        self._set_learning_rates()
         reals = [x[:, 0].to(dev, non_blocking=True, memory_format=self.memory_format)
                  for x in batch["imgs"]]
         b = reals[0].shape[0]
@@ -314,6 +328,16 @@ class GANTrainer(EpochTrainer):
         self.scaler.update()
         self._update_ema()
         return self.checked(values)
+
+    def _set_learning_rates(self) -> None:
+        """G's and D's learning rates for this step: `lr_factor` of the configured ones. A pure
+        function of the step, so a resumed run continues the same schedule."""
+        total = self.steps_per_epoch * max(1, int(self.cfg.TRAIN.MAX_EPOCH))
+        f = lr_factor(self.step, total, float(self.cfg.TRAIN.LR_DECAY_START))
+        for opt, lr in [(self.optG, self.cfg.TRAIN.GENERATOR_LR),
+                        *((d, self.cfg.TRAIN.DISCRIMINATOR_LR) for d in self.optDs)]:
+            for group in opt.param_groups:
+                group["lr"] = float(lr) * f
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -53,6 +53,9 @@ def default_config() -> EasyDict:
                 "B_NET_D": True,
                 "DISCRIMINATOR_LR": 2e-4,
                 "GENERATOR_LR": 2e-4,
+                # stage 2: from this fraction of the MAX_EPOCH steps on, G's and D's learning
+                # rates fall linearly to 0 at the last step (1.0 = constant, as released)
+                "LR_DECAY_START": 1.0,
                 "ENCODER_LR": 1e-5,  # CLIP backbone in stage 1
                 "ADAPTER_LR": 1e-3,  # new parameters (region adapter) in stage 1
                 "WEIGHT_DECAY": 0.0,

@@ -282,6 +282,33 @@ def test_minimal_pair_switches_need_word_lists(gan_cfg) -> None:
                    progress=False)
 
 
+def test_lr_factor_decays_linearly_to_zero_from_the_start_fraction() -> None:
+    f = trainer_mod.lr_factor
+    assert [f(s, 100, 0.5) for s in (0, 49, 50, 75, 99, 100)] == [1.0, 1.0, 1.0, 0.5, 0.02, 0.0]
+    assert [f(s, 100, 0.0) for s in (0, 50, 90)] == [1.0, 0.5, pytest.approx(0.1)]
+    assert [f(s, 100, 1.0) for s in (0, 99, 100)] == [1.0, 1.0, 1.0]
+
+
+def test_lr_decay_sets_g_and_d_rates_in_each_step(gan_cfg) -> None:
+    """TRAIN.LR_DECAY_START 0: the rates of the step just taken are the configured ones times
+    (total - step) / total, for G and every D; outside [0, 1] is a config error."""
+    trainer = GANTrainer(gan_cfg("TRAIN.MAX_STEPS=2", "TRAIN.LR_DECAY_START=0.0",
+                                 "TRAIN.GENERATOR_LR=0.001", "TRAIN.DISCRIMINATOR_LR=0.003"),
+                         CPU, progress=False)
+    total = trainer.steps_per_epoch * 3
+    trainer.train()
+    last = (total - 1) / total  # the second step is step 1
+    assert trainer.optG.param_groups[0]["lr"] == pytest.approx(0.001 * last)
+    assert len(trainer.optDs) == 2
+    assert all(o.param_groups[0]["lr"] == pytest.approx(0.003 * last) for o in trainer.optDs)
+    trainer.step = total * 3 // 4
+    trainer._set_learning_rates()
+    assert trainer.optG.param_groups[0]["lr"] == pytest.approx(0.001 * (total - total * 3 // 4)
+                                                              / total)
+    with pytest.raises(ConfigError, match="TRAIN.LR_DECAY_START is 1.5"):
+        GANTrainer(gan_cfg("TRAIN.LR_DECAY_START=1.5"), CPU, progress=False)
+
+
 def test_class_mask_switch_passes_the_batch_class_ids(gan_cfg) -> None:
     from miscc.training import damsm_class_ids
 
