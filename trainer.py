@@ -62,7 +62,7 @@ from text_features import edit_feature_cache, load_frozen_encoder, text_feature_
 STATE_FORMAT = "dmgan-train-state/2"  # /2: released DM-GAN networks (model.GENERATOR_FORMAT)
 
 
-# ---------------------------------------------------------------------------- minimal pairs
+# --------------------------------------------------------------------------- learning rates
 def lr_factor(step: int, total: int, decay_start: float) -> float:
     """1 before `decay_start`·total steps, then falling linearly to 0 at step `total` (the
     second-half decay of pix2pix/CycleGAN); `decay_start` ≥ 1 keeps the rate constant."""
@@ -72,6 +72,7 @@ def lr_factor(step: int, total: int, decay_start: float) -> float:
     return max(0.0, (total - step) / max(total - begin, 1.0))
 
 
+# ---------------------------------------------------------------------------- minimal pairs
 def minimal_pair_wrong(wrong: torch.Tensor, edits: torch.Tensor, mask: torch.Tensor,
                        share: float, generator: torch.Generator) -> torch.Tensor:
     """D's mismatched sentences [N, D] with a `share` of the rows (each independently, drawn

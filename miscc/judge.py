@@ -301,10 +301,8 @@ def judge_lines(result: dict) -> list[str]:
     """Printed summary of the judge entries of a metrics result (none when absent)."""
     if "judge" not in result:
         return []
-    row = judge_row
-
     return ["shapes judge (% of images showing what their caption names):",
-            f"  generated ({result['judge']['images']} images): {row(result['judge'])}",
+            f"  generated ({result['judge']['images']} images): {judge_row(result['judge'])}",
             f"  real test pictures ({result['judge_real']['images']}): "
-            f"{row(result['judge_real'])}",
-            f"  chance: {row(result['judge_chance'])}"]
+            f"{judge_row(result['judge_real'])}",
+            f"  chance: {judge_row(result['judge_chance'])}"]
