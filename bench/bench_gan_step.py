@@ -1,5 +1,6 @@
-"""Stage-2 training steps/s with the text-feature cache vs. re-encoding captions every step, and
-R-precision batched vs. a per-image loop (same run, same inputs).
+"""Stage-2 training steps/s with the text-feature cache vs. re-encoding captions every step,
+R-precision batched vs. a per-image loop, and the encoder's resize of generated images as two
+matmuls vs. F.interpolate, forward + backward (same run, same inputs).
 
     python bench/bench_gan_step.py [--steps 10 --batch 16 --threads 1]
 
@@ -20,11 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.nn.functional as F
 
 from datasets import make_shapes_dataset
 from miscc.config import load_config
 from miscc.utils import atomic_torch_save
-from model import CLIP_ARCH_DIR, ClipEncoder, resolve_clip_name
+from model import CLIP_ARCH_DIR, ClipEncoder, resize_bicubic, resolve_clip_name
 from r_precision import rank_first, rank_first_loop, sample_negatives
 from trainer import GANTrainer
 
@@ -104,6 +106,31 @@ def bench_r_precision(images: int) -> None:
           f"(identical hits; R-precision {fast.float().mean():.3f})")
 
 
+def bench_resize(batch: int, reps: int = 20) -> None:
+    """What stage 2 does to every generated batch: 32 px -> the tiny tower's 64 px, then back."""
+    x = torch.rand(batch, 3, 32, 32, requires_grad=True)
+    probe = torch.rand(batch, 3, 64, 64)
+
+    def interpolate(t: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(t, size=(64, 64), mode="bicubic", align_corners=False)
+
+    times = {}
+    def matmul(t: torch.Tensor) -> torch.Tensor:
+        return resize_bicubic(t, 64, antialias=False)
+
+    for name, fn in (("F.interpolate", interpolate), ("matmul", matmul)):
+        for _ in range(3):
+            (fn(x) * probe).sum().backward()
+        start = time.perf_counter()
+        for _ in range(reps):
+            (fn(x) * probe).sum().backward()
+        times[name] = (time.perf_counter() - start) / reps * 1e3
+    print(f"[resize] [{batch}, 3, 32, 32] -> 64 px bicubic, forward + backward")
+    for name, ms in times.items():
+        print(f"  {name:13s}: {ms:7.2f} ms")
+    print(f"  ratio interpolate/matmul: {times['F.interpolate'] / times['matmul']:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -116,6 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bench_steps(args, Path(tmp))
     bench_r_precision(args.rp_images)
+    bench_resize(2 * args.batch)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ from __future__ import annotations
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model
 from datasets import CaptionTokenizer
 from miscc.utils import CheckpointError, atomic_torch_save
-from model import ClipEncoder, EncoderLoadError, resolve_clip_name
+from model import ClipEncoder, EncoderLoadError, resize_bicubic, resolve_clip_name
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,26 @@ def test_image_normalisation(encoder):
     x = encoder.prepare_images(torch.zeros(1, 3, 32, 32))
     expected = (0.5 - encoder.mean) / encoder.std
     assert torch.allclose(x, expected.expand_as(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(("shape", "size", "antialias"), [
+    ((2, 3, 32, 32), 64, False),   # the demo's generated 32 px into the tiny tower's 64 px
+    ((1, 3, 256, 256), 224, True),  # a 256 px DM-GAN image into ViT-B/32
+    ((2, 3, 40, 24), 32, True),     # not square: each side has its own weights
+])
+def test_resize_bicubic_equals_interpolate_in_values_and_gradients(shape, size, antialias):
+    """The matmul resize is F.interpolate's bicubic resize, forward and backward (float64:
+    equal to rounding; float32 interpolate computes its weights less precisely, ~2e-5)."""
+    torch.manual_seed(0)
+    x = torch.rand(shape, dtype=torch.float64, requires_grad=True)
+    ref = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                        antialias=antialias)
+    ours = resize_bicubic(x, size, antialias)
+    assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-12)
+    probe = torch.rand(ref.shape, dtype=torch.float64)
+    g_ref, = torch.autograd.grad((ref * probe).sum(), x)
+    g_ours, = torch.autograd.grad((ours * probe).sum(), x)
+    assert torch.allclose(g_ours, g_ref, atol=1e-12)
 
 
 def test_adapter_starts_as_identity():
