@@ -74,6 +74,9 @@ def default_config() -> EasyDict:
                 # auto: bf16 where the GPU computes it natively, else fp16 + GradScaler;
                 # float16 forces the fp16 path (gpu_check.py runs it on bf16 GPUs too)
                 "AMP_DTYPE": "auto",
+                # bf16 autocast on the CPU too (with AMP): faster only where the CPU has bf16
+                # instructions (AMX / AVX512-BF16); evaluation stays fp32 on the CPU
+                "AMP_CPU": False,
                 "CHANNELS_LAST": True,  # CUDA (and stage 1 and the VQGAN tokenizer on CPU)
                 "PIN_MEMORY": True,
                 "PERSISTENT_WORKERS": True,

@@ -52,9 +52,15 @@ def test_checks_cover_every_trainer_under_amp_fp16_resume_and_ddp(tmp_path) -> N
 def test_amp_dtype_forces_the_autocast_type(shapes_cfg, choice, dtype) -> None:
     amp, got, _ = mixed_precision(shapes_cfg(f"TRAIN.AMP_DTYPE={choice}"), torch.device("cuda"))
     assert amp and got == dtype
-    # never on the CPU, whatever the key says
+    # not on the CPU, whatever the key says, unless TRAIN.AMP_CPU asks: then always bf16
     amp, _, scaler = mixed_precision(shapes_cfg(f"TRAIN.AMP_DTYPE={choice}"), torch.device("cpu"))
     assert not amp and not scaler.is_enabled()
+    cpu_amp = shapes_cfg(f"TRAIN.AMP_DTYPE={choice}", "TRAIN.AMP_CPU=True")
+    amp, got, scaler = mixed_precision(cpu_amp, torch.device("cpu"))
+    assert amp and got == torch.bfloat16 and not scaler.is_enabled()
+    amp, _, _ = mixed_precision(shapes_cfg("TRAIN.AMP=False", "TRAIN.AMP_CPU=True"),
+                                torch.device("cpu"))
+    assert not amp
 
 
 def test_amp_dtype_rejects_other_values(shapes_dir) -> None:

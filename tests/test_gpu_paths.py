@@ -78,6 +78,24 @@ def test_trainer_resumes_a_cpu_state_with_fp16_loss_scaling(data_dir, tiny_encod
     assert resumed.scaler.get_scale() == 2.0**16
 
 
+def test_amp_cpu_trains_stage2_under_cpu_bf16_autocast(data_dir, tiny_encoder_ckpt,
+                                                       tmp_path, monkeypatch) -> None:
+    """TRAIN.AMP_CPU: a stage-2 step runs G's forward under CPU bf16 autocast (its images come
+    out bf16) and finishes without a loss scaler; without the key the same step is fp32."""
+    from trainer import GANTrainer
+
+    for on in (True, False):
+        cfg = gan_cfg(data_dir, tiny_encoder_ckpt, tmp_path / str(on), "TRAIN.MAX_STEPS=1",
+                      f"TRAIN.AMP_CPU={on}")
+        trainer = GANTrainer(cfg, CPU, progress=False)
+        dtypes: list[torch.dtype] = []
+        trainer.netG.register_forward_hook(
+            lambda m, i, out, seen=dtypes: seen.append(out[0][-1].dtype))
+        trainer.train()
+        assert dtypes == [torch.bfloat16 if on else torch.float32]
+        assert trainer.step == 1 and not trainer.scaler.is_enabled()
+
+
 # --------------------------------------------------------------------------- CUDA RNG
 class FakeCuda:
     """torch.cuda's RNG functions for `visible` devices, this process on `current`."""
