@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -174,17 +175,29 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native else torch.float16
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), where CPU autocast
+    pays; elsewhere torch emulates it, slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def mixed_precision(cfg, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
     """(autocast on?, its dtype, grad scaler). On CUDA with TRAIN.AMP: TRAIN.AMP_DTYPE auto is
     bf16 where the GPU supports it natively (no loss scaling needed), else fp16 with an enabled
-    GradScaler; bfloat16 / float16 force one. On the CPU only with TRAIN.AMP_CPU as well, and
-    always bf16 (no scaler): fast where the CPU has bf16 instructions (AMX, AVX512-BF16)."""
+    GradScaler; bfloat16 / float16 force one. On the CPU only with TRAIN.AMP_CPU as well, only
+    where the CPU has bf16 instructions (`cpu_has_bf16`), and always bf16 (no scaler)."""
     if device.type == "cuda":
         amp = bool(cfg.TRAIN.AMP)
         choice = str(cfg.TRAIN.AMP_DTYPE)
         dtype = amp_dtype(device) if choice == "auto" else getattr(torch, choice)
     else:
         amp = bool(cfg.TRAIN.AMP) and bool(cfg.TRAIN.AMP_CPU) and device.type == "cpu"
+        if amp and not cpu_has_bf16():
+            warnings.warn("TRAIN.AMP_CPU: this CPU has no bf16 instructions (AVX512-BF16 or "
+                          "AMX) and emulated bf16 is slower than fp32: training in fp32",
+                          stacklevel=2)
+            amp = False
         dtype = torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
     return amp, dtype, scaler

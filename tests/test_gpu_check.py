@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import gpu_check
+import miscc.training as training
 from miscc.config import ConfigError, load_config
 from miscc.training import mixed_precision
 from miscc.utils import cleanup_distributed, in_process_group, init_distributed
@@ -49,15 +50,21 @@ def test_checks_cover_every_trainer_under_amp_fp16_resume_and_ddp(tmp_path) -> N
 
 @pytest.mark.parametrize(("choice", "dtype"), [("float16", torch.float16),
                                                ("bfloat16", torch.bfloat16)])
-def test_amp_dtype_forces_the_autocast_type(shapes_cfg, choice, dtype) -> None:
+def test_amp_dtype_forces_the_autocast_type(shapes_cfg, choice, dtype, monkeypatch) -> None:
     amp, got, _ = mixed_precision(shapes_cfg(f"TRAIN.AMP_DTYPE={choice}"), torch.device("cuda"))
     assert amp and got == dtype
     # not on the CPU, whatever the key says, unless TRAIN.AMP_CPU asks: then always bf16
     amp, _, scaler = mixed_precision(shapes_cfg(f"TRAIN.AMP_DTYPE={choice}"), torch.device("cpu"))
     assert not amp and not scaler.is_enabled()
     cpu_amp = shapes_cfg(f"TRAIN.AMP_DTYPE={choice}", "TRAIN.AMP_CPU=True")
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
     amp, got, scaler = mixed_precision(cpu_amp, torch.device("cpu"))
     assert amp and got == torch.bfloat16 and not scaler.is_enabled()
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)  # emulated bf16: fp32
+    with pytest.warns(UserWarning, match="TRAIN.AMP_CPU: this CPU has no bf16 instructions"):
+        amp, _, _ = mixed_precision(cpu_amp, torch.device("cpu"))
+    assert not amp
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
     amp, _, _ = mixed_precision(shapes_cfg("TRAIN.AMP=False", "TRAIN.AMP_CPU=True"),
                                 torch.device("cpu"))
     assert not amp

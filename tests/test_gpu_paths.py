@@ -84,6 +84,7 @@ def test_amp_cpu_trains_stage2_under_cpu_bf16_autocast(data_dir, tiny_encoder_ck
     out bf16) and finishes without a loss scaler; without the key the same step is fp32."""
     from trainer import GANTrainer
 
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)  # emulated where it is not
     for on in (True, False):
         cfg = gan_cfg(data_dir, tiny_encoder_ckpt, tmp_path / str(on), "TRAIN.MAX_STEPS=1",
                       f"TRAIN.AMP_CPU={on}")
