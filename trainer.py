@@ -35,6 +35,7 @@ from miscc.training import (
     check_replicas,
     damsm_class_ids,
     fused_options,
+    inference_precision,
     load_resume_state,
     load_scaler_state,
     memory_format,
@@ -237,9 +238,9 @@ class GANTrainer(EpochTrainer):
         if self.text is not None:
             index = batch["index"].repeat(2)
             w, s, m = self.text.lookup(index, torch.cat([cap[:, 0], cap[:, 1]]))
-        else:  # the baseline: run the frozen text tower every step
+        else:  # the baseline: run the frozen text tower every step, in the cache's precision
             tokens = torch.cat([batch["tokens"][:, 0], batch["tokens"][:, 1]]).to(self.device)
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), inference_precision(self.cfg, self.device):
                 w, s, m = self.encoder.encode_text(tokens)
             w, s = w.float(), s.float()
         return w.to(self.device), s.to(self.device), m.to(self.device)
