@@ -1,6 +1,7 @@
-"""Stage-2 training steps/s with the text-feature cache vs. re-encoding captions every step,
-R-precision batched vs. a per-image loop, and the encoder's resize of generated images as two
-matmuls vs. F.interpolate, forward + backward (same run, same inputs).
+"""Stage-2 training steps/s with the text-feature cache vs. re-encoding captions every step and
+in bf16 vs. fp32 on the CPU, R-precision batched vs. a per-image loop, and the encoder's resize
+of generated images as two matmuls vs. F.interpolate, forward + backward (same run, same
+inputs).
 
     python bench/bench_gan_step.py [--steps 10 --batch 16 --threads 1]
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from datasets import make_shapes_dataset
 from miscc.config import load_config
+from miscc.training import cpu_has_bf16
 from miscc.utils import atomic_torch_save
 from model import CLIP_ARCH_DIR, ClipEncoder, resize_bicubic, resolve_clip_name
 from r_precision import rank_first, rank_first_loop, sample_negatives
@@ -61,24 +63,37 @@ def steps_per_second(cfg, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def stage2_cfg(tmp: Path, enc: Path, batch: int, out: str, *overrides: str):
+    """The demo's stage-2 config at 16/32 px on the bench's small shapes set."""
+    return load_config(
+        Path(__file__).resolve().parents[1] / "cfg" / "clip_shapes_DMGAN.yml",
+        [f"DATA_DIR={tmp / 'data'}", f"OUTPUT_DIR={tmp / out}", f"TRAIN.NET_E={enc}",
+         "WORKERS=0", "TREE.BASE_SIZE=16", "TREE.BRANCH_NUM=2", f"TRAIN.BATCH_SIZE={batch}",
+         "GAN.GF_DIM=16", "GAN.DF_DIM=16", "TEXT.EMBEDDING_DIM=64", *overrides], quiet=True)
+
+
 def bench_steps(args, tmp: Path) -> None:
     make_shapes_dataset(tmp / "data", n_train=96, n_test=4, size=32, seed=0)
     for label, text_cfg in (("tiny text tower", None), ("ViT-B/32-size text tower", B32_TEXT)):
         enc = encoder_file(tmp, text_cfg)
-        width = 64
-        rates = {}
-        for flag in (True, False):
-            cfg = load_config(
-                Path(__file__).resolve().parents[1] / "cfg" / "clip_shapes_DMGAN.yml",
-                [f"DATA_DIR={tmp / 'data'}", f"OUTPUT_DIR={tmp / ('out' + str(flag))}",
-                 f"TRAIN.NET_E={enc}", "WORKERS=0", "TREE.BASE_SIZE=16", "TREE.BRANCH_NUM=2",
-                 f"TRAIN.BATCH_SIZE={args.batch}", "GAN.GF_DIM=16", "GAN.DF_DIM=16",
-                 f"TEXT.EMBEDDING_DIM={width}", f"TRAIN.TEXT_CACHE={flag}"], quiet=True)
-            rates[flag] = steps_per_second(cfg, args.steps)
+        rates = {flag: steps_per_second(stage2_cfg(tmp, enc, args.batch, f"out{flag}",
+                                                   f"TRAIN.TEXT_CACHE={flag}"), args.steps)
+                 for flag in (True, False)}
         print(f"[{label}] batch {args.batch} (x2 captions), 16/32 px, GF_DIM 16")
         print(f"  re-encode captions every step: {rates[False]:7.2f} steps/s")
         print(f"  text-feature cache           : {rates[True]:7.2f} steps/s")
         print(f"  ratio cache/re-encode: {rates[True] / rates[False]:.2f}x")
+    if not cpu_has_bf16():
+        print("[bf16 autocast] skipped: this CPU has no AVX512-BF16 or AMX")
+        return
+    enc = encoder_file(tmp, None)
+    rates = {flag: steps_per_second(stage2_cfg(tmp, enc, args.batch, f"amp{flag}",
+                                               f"TRAIN.AMP_CPU={flag}"), args.steps)
+             for flag in (False, True)}
+    print(f"[bf16 autocast on the CPU, TRAIN.AMP_CPU] batch {args.batch}, tiny text tower")
+    print(f"  fp32: {rates[False]:7.2f} steps/s")
+    print(f"  bf16: {rates[True]:7.2f} steps/s")
+    print(f"  ratio bf16/fp32: {rates[True] / rates[False]:.2f}x")
 
 
 def bench_r_precision(images: int) -> None:
