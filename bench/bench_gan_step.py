@@ -72,28 +72,32 @@ def stage2_cfg(tmp: Path, enc: Path, batch: int, out: str, *overrides: str):
          "GAN.GF_DIM=16", "GAN.DF_DIM=16", "TEXT.EMBEDDING_DIM=64", *overrides], quiet=True)
 
 
+def on_off(tmp: Path, enc: Path, args, key: str) -> dict[bool, float]:
+    """Steps/s of the stage-2 config with the boolean `key` off and on."""
+    return {flag: steps_per_second(stage2_cfg(tmp, enc, args.batch, f"{key}{flag}",
+                                              f"{key}={flag}"), args.steps)
+            for flag in (False, True)}
+
+
+def print_rates(title: str, off: str, on: str, rates: dict[bool, float]) -> None:
+    print(title)
+    width = max(len(off), len(on))
+    print(f"  {off:<{width}}: {rates[False]:7.2f} steps/s")
+    print(f"  {on:<{width}}: {rates[True]:7.2f} steps/s")
+    print(f"  ratio: {rates[True] / rates[False]:.2f}x")
+
+
 def bench_steps(args, tmp: Path) -> None:
     make_shapes_dataset(tmp / "data", n_train=96, n_test=4, size=32, seed=0)
     for label, text_cfg in (("tiny text tower", None), ("ViT-B/32-size text tower", B32_TEXT)):
-        enc = encoder_file(tmp, text_cfg)
-        rates = {flag: steps_per_second(stage2_cfg(tmp, enc, args.batch, f"out{flag}",
-                                                   f"TRAIN.TEXT_CACHE={flag}"), args.steps)
-                 for flag in (True, False)}
-        print(f"[{label}] batch {args.batch} (x2 captions), 16/32 px, GF_DIM 16")
-        print(f"  re-encode captions every step: {rates[False]:7.2f} steps/s")
-        print(f"  text-feature cache           : {rates[True]:7.2f} steps/s")
-        print(f"  ratio cache/re-encode: {rates[True] / rates[False]:.2f}x")
+        print_rates(f"[{label}] batch {args.batch} (x2 captions), 16/32 px, GF_DIM 16",
+                    "re-encode captions every step", "text-feature cache",
+                    on_off(tmp, encoder_file(tmp, text_cfg), args, "TRAIN.TEXT_CACHE"))
     if not cpu_has_bf16():
         print("[bf16 autocast] skipped: this CPU has no AVX512-BF16 or AMX")
         return
-    enc = encoder_file(tmp, None)
-    rates = {flag: steps_per_second(stage2_cfg(tmp, enc, args.batch, f"amp{flag}",
-                                               f"TRAIN.AMP_CPU={flag}"), args.steps)
-             for flag in (False, True)}
-    print(f"[bf16 autocast on the CPU, TRAIN.AMP_CPU] batch {args.batch}, tiny text tower")
-    print(f"  fp32: {rates[False]:7.2f} steps/s")
-    print(f"  bf16: {rates[True]:7.2f} steps/s")
-    print(f"  ratio bf16/fp32: {rates[True] / rates[False]:.2f}x")
+    print_rates(f"[bf16 autocast on the CPU, TRAIN.AMP_CPU] batch {args.batch}, tiny text tower",
+                "fp32", "bf16", on_off(tmp, encoder_file(tmp, None), args, "TRAIN.AMP_CPU"))
 
 
 def bench_r_precision(images: int) -> None:
