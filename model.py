@@ -129,10 +129,9 @@ def resize_bicubic(x: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
     """`F.interpolate(x, (size, size), mode="bicubic", align_corners=False, antialias=...)`
     computed as A_h · x · A_wᵀ: bicubic resizing is separable and linear, so two small matmuls
     give the same values (to float rounding) with a backward pass several times faster on CPU
-    than interpolate's, which stage 2 runs on every generated batch (docs/DESIGN.md §8)."""
+    than interpolate's, which stage 2 runs on every generated batch (docs/DESIGN.md §5)."""
     rows = _bicubic_weights(x.shape[-2], size, antialias).to(x.device, x.dtype)
-    cols = rows if x.shape[-1] == x.shape[-2] else \
-        _bicubic_weights(x.shape[-1], size, antialias).to(x.device, x.dtype)
+    cols = _bicubic_weights(x.shape[-1], size, antialias).to(x.device, x.dtype)
     with torch.autocast(x.device.type, enabled=False):  # the resize stays in x's precision
         return rows @ x @ cols.T
 
