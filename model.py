@@ -116,13 +116,15 @@ def _resnet_regions(visual: ModifiedResNet, x: torch.Tensor) -> tuple[torch.Tens
 
 
 @functools.lru_cache(maxsize=32)
-def _bicubic_weights(n_in: int, n_out: int, antialias: bool) -> torch.Tensor:
+def _bicubic_weights(n_in: int, n_out: int, antialias: bool, device: torch.device,
+                     dtype: torch.dtype) -> torch.Tensor:
     """[n_out, n_in] matrix of 1-D bicubic resizing (align_corners=False), read off
-    F.interpolate applied to the n_in unit signals, in float64."""
+    F.interpolate applied to the n_in unit signals in float64, then cast once per device and
+    dtype (stage 2 resizes every step)."""
     unit = torch.eye(n_in, dtype=torch.float64)[:, None, None, :]
     rows = F.interpolate(unit, size=(1, n_out), mode="bicubic", align_corners=False,
                          antialias=antialias)
-    return rows[:, 0, 0, :].T.contiguous()
+    return rows[:, 0, 0, :].T.contiguous().to(device, dtype)
 
 
 def resize_bicubic(x: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
@@ -130,8 +132,8 @@ def resize_bicubic(x: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
     computed as A_h · x · A_wᵀ: bicubic resizing is separable and linear, so two small matmuls
     give the same values (to float rounding) with a backward pass several times faster on CPU
     than interpolate's, which stage 2 runs on every generated batch (docs/DESIGN.md §5)."""
-    rows = _bicubic_weights(x.shape[-2], size, antialias).to(x.device, x.dtype)
-    cols = _bicubic_weights(x.shape[-1], size, antialias).to(x.device, x.dtype)
+    rows = _bicubic_weights(x.shape[-2], size, antialias, x.device, x.dtype)
+    cols = _bicubic_weights(x.shape[-1], size, antialias, x.device, x.dtype)
     with torch.autocast(x.device.type, enabled=False):  # the resize stays in x's precision
         return rows @ x @ cols.T
 

@@ -126,17 +126,18 @@ def bench_r_precision(images: int) -> None:
 
 
 def bench_resize(batch: int, reps: int = 20) -> None:
-    """What stage 2 does to every generated batch: 32 px -> the tiny tower's 64 px, then back."""
+    """What stage 2 does to every generated batch: 32 px -> the tiny tower's 64 px, forward and
+    backward."""
     x = torch.rand(batch, 3, 32, 32, requires_grad=True)
     probe = torch.rand(batch, 3, 64, 64)
 
     def interpolate(t: torch.Tensor) -> torch.Tensor:
         return F.interpolate(t, size=(64, 64), mode="bicubic", align_corners=False)
 
-    times = {}
     def matmul(t: torch.Tensor) -> torch.Tensor:
         return resize_bicubic(t, 64, antialias=False)
 
+    times = {}
     for name, fn in (("F.interpolate", interpolate), ("matmul", matmul)):
         for _ in range(3):
             (fn(x) * probe).sum().backward()
