@@ -478,6 +478,10 @@ class TextImageDataset(CroppedImages):
         self._drawn: dict[tuple, np.ndarray] = {}
         if (self.negatives or self.negative_pictures or word_lists is not None) and views != 2:
             raise ValueError("minimal pairs pair caption k with view k: they need views=2")
+        if word_lists is not None:
+            from miscc.minimal_pairs import check_word_lists
+
+            check_word_lists(word_lists, self.info.captions, cfg)
         if (self.negatives or self.negative_pictures or self.redraw_pairs) \
                 and word_lists is None:
             raise DataError("TRAIN.HARD_NEGATIVES / NEGATIVE_PICTURES / REDRAW_PAIRS need word "
@@ -490,6 +494,23 @@ class TextImageDataset(CroppedImages):
                                 "the shapes renderer: they need DATASET_NAME shapes and "
                                 "TEXT.WORD_LISTS shapes (categories shape, colour, size, "
                                 "position, background)")
+            self._check_rendered(cfg)
+
+    def _check_rendered(self, cfg) -> None:
+        """Redrawn pictures need pictures the shapes renderer made: every first caption names
+        all five attributes (a DataError naming the key and the folder otherwise, before any
+        data-loader worker starts)."""
+        for key, captions in zip(self.keys, self.info.captions, strict=True):
+            named = self.word_lists.named(captions[0]) if captions else {}
+            missing = [a for a in SHAPE_ATTRIBUTES if len(named.get(a, ())) != 1]
+            if missing:
+                first = captions[0] if captions else ""
+                raise DataError(
+                    f"TRAIN.NEGATIVE_PICTURES / TRAIN.REDRAW_PAIRS redraw pictures with the shapes "
+                    f"renderer, but {cfg.DATA_DIR} was not made by `prepare_data.py shapes`: the "
+                    f"first caption of {key} ({first!r}) does not name exactly one "
+                    f"{', '.join(missing)}; set TRAIN.NEGATIVE_PICTURES: 0 and "
+                    "TRAIN.REDRAW_PAIRS: false for this data")
 
     def _caption_pair(self, index: int) -> torch.Tensor:
         n = int(self.num_captions[index])

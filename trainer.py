@@ -29,7 +29,7 @@ from miscc.losses import (
     sent_loss,
     words_loss,
 )
-from miscc.minimal_pairs import word_lists_for
+from miscc.minimal_pairs import check_word_lists, word_lists_for
 from miscc.training import (
     EpochTrainer,
     check_replicas,
@@ -156,6 +156,7 @@ class GANTrainer(EpochTrainer):
         if lists is None:
             raise ConfigError("TRAIN.D_MINIMAL_PAIRS / G_MINIMAL_PAIR_WEIGHT edit captions: "
                               "set TEXT.WORD_LISTS (a stem of cfg/words/, e.g. shapes)")
+        check_word_lists(lists, self.dataset.info.captions, self.cfg)
         if int(t.MINIMAL_PAIR_EDITS) < 1:
             raise ConfigError(f"TRAIN.MINIMAL_PAIR_EDITS is {t.MINIMAL_PAIR_EDITS}: expected "
                               f"at least 1 edit per caption")

@@ -152,6 +152,20 @@ def word_lists_for(cfg) -> WordLists | None:
     return load_word_lists(name) if name else None
 
 
+def check_word_lists(lists: WordLists, captions: list[list[str]], cfg) -> None:
+    """Fail at start-up (a DataError naming TEXT.WORD_LISTS and the data folder) when no
+    caption of the data holds a word of the lists: every one-edit negative, picture edit and
+    minimal-pair score would then silently be empty (e.g. the shapes lists on bird captions)."""
+    from datasets import DataError
+
+    if any(lists.find(c) for caps in captions for c in caps):
+        return
+    raise DataError(f"TEXT.WORD_LISTS {cfg.TEXT.WORD_LISTS}: none of its words occurs in the "
+                    f"captions of {cfg.DATA_DIR}; name the lists of this data's family "
+                    "(cfg/words/: shapes, cub, coco) or set TEXT.WORD_LISTS: '' to turn minimal "
+                    "pairs off")
+
+
 # ------------------------------------------------------------------------------ edits
 def _agree_article(text: str, start: int, word: str) -> tuple[str, int]:
     """`text` with an "a"/"an" that ends right before `start` made to agree with `word`;

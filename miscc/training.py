@@ -37,6 +37,7 @@ from miscc.utils import (  # NonFiniteLoss is defined there for run_command; imp
     is_main_process,
     latest_checkpoint,
     load_latest_valid,
+    note_resume_folder,
     seed_everything,
     set_rng_state,
 )
@@ -409,6 +410,7 @@ class EpochTrainer:
         if fresh and self.main:
             remove_old_run(self.model_dir, self.FRESH_PATTERNS,
                            [self.out / f for f in self.FRESH_FOLDERS])
+        note_resume_folder(self.model_dir)
         barrier()
 
     @property

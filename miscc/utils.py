@@ -12,9 +12,12 @@ import io
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
+import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
@@ -25,9 +28,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+EXIT_BUG = 1  # an unexpected exception: its traceback is printed (please report it)
 EXIT_USER_ERROR = 2  # a user-fixable input problem: config, data, checkpoint, weights
 EXIT_NON_FINITE = 3  # training stopped on a NaN/inf loss
 EXIT_INTERRUPTED = 75  # a stop signal: the resume state is saved, re-run the command (EX_TEMPFAIL)
+# outside a training loop a stop signal ends the command at once: 128 + the signal's number
+# (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1), the shell's code for a process a signal ended
+STOP_SIGNALS_OUTSIDE_TRAINING = ("SIGTERM", "SIGINT", "SIGUSR1")
 # a full disk, a read-only file system, no permission: reported as DiskError (one line, exit 2)
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
@@ -377,23 +384,139 @@ def cleanup_distributed() -> None:
 
 
 # ---------------------------------------------------------------------------- command line
+class Stopped(Exception):
+    """A stop signal arrived outside a training loop (which saves and exits 75 instead): the
+    command ends at once with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_end_command() -> Iterator[None]:
+    """While the command runs, SIGTERM/SIGINT/SIGUSR1 raise `Stopped` in the main thread (the
+    training loop's own handlers take over while it runs), so even a stop outside training
+    unwinds through `run_command`, which ends the workers. A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for name in STOP_SIGNALS_OUTSIDE_TRAINING:
+        sig = getattr(signal, name)
+        previous[sig] = signal.signal(sig, _raise_stopped)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            # a handler the training loop left (SIG_IGN after it saved) is not undone
+            if signal.getsignal(sig) is _raise_stopped:
+                signal.signal(sig, handler)
+
+
+_RESUME_FOLDERS: list[Path] = []  # Model/ folders of the trainers this process built
+
+
+def note_resume_folder(path: str | Path) -> None:
+    """Remember a trainer's Model/ folder: an unexpected exception then names its newest
+    resume state (`resume_line`)."""
+    _RESUME_FOLDERS.append(Path(path))
+
+
+def resume_line() -> str | None:
+    """'resume state: <newest state_step_*.pth> ...' for the folders noted, or None."""
+    found = [f for folder in _RESUME_FOLDERS for f in latest_checkpoint(folder, "state_step_*.pth")]
+    if not found:
+        return None
+    newest = max(found, key=lambda f: f.stat().st_mtime)
+    return (f"resume state: {newest} (re-running the same command continues from it once the "
+            "cause is fixed)")
+
+
+def end_children(timeout: float = 10.0) -> int:
+    """SIGKILL every child process this one started through multiprocessing (DataLoader
+    workers, which ignore the stop signals so that the main process can save first) and reap
+    them; returns how many were alive. Called on every exit path of a command: otherwise
+    Python's exit waits for a worker that never ends (docs/DESIGN.md §17)."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    if children and threading.current_thread() is threading.main_thread():
+        # torch's DataLoader reports a worker ended by a signal from its SIGCHLD handler
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.kill()
+    for child in children:
+        child.join(timeout)
+    return len(children)
+
+
+def _peer_failed(err: BaseException) -> bool:
+    """Whether `err` is a collective that broke because another process of the job died
+    (gloo: 'Connection closed by peer'; NCCL: a DistBackendError)."""
+    if not dist.is_initialized():
+        return False
+    text = str(err)
+    return (isinstance(err, getattr(dist, "DistBackendError", ())) or "closed by peer" in text
+            or "reset by peer" in text)
+
+
+def _record_for_torchrun(err: BaseException) -> None:
+    """Under torchrun, write the error where its summary looks (TORCHELASTIC_ERROR_FILE), so the
+    job's 'Root Cause' names this process's error instead of 'error_file: <N/A>'."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        with contextlib.suppress(OSError):
+            ErrorHandler().record_exception(err)
+
+
 def run_command(body: Callable[[], int | None],
                 user_errors: tuple[type[BaseException], ...]) -> int:
-    """Run a command-line body and return its exit code.
+    """Run a command-line body and return its exit code (docs/training-at-scale.md).
 
     0 (or the body's own code) on success; one of `user_errors` (CheckpointError and DiskError
     always count) prints `error: <message>` on stderr and gives EXIT_USER_ERROR (2); NonFiniteLoss
-    prints its message the same way and gives EXIT_NON_FINITE (3). torch.distributed is torn
-    down in every case.
+    prints its message the same way and gives EXIT_NON_FINITE (3); a stop signal outside a
+    training loop gives 128 + its number; any other exception is a bug: its traceback, then
+    where the newest resume state is, and EXIT_BUG (1). On every path the data-loader workers
+    are ended and torch.distributed is torn down.
     """
     try:
-        code = body()
+        with stop_signals_end_command():
+            code = body()
         return 0 if code is None else code
     except (CheckpointError, DiskError, *user_errors) as err:
         print(f"error: {err}", file=sys.stderr)
+        _record_for_torchrun(err)
         return EXIT_USER_ERROR
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
+        _record_for_torchrun(err)
         return EXIT_NON_FINITE
+    except (Stopped, KeyboardInterrupt) as err:
+        signum = err.signum if isinstance(err, Stopped) else int(signal.SIGINT)
+        line = resume_line()
+        print(f"\nstopped by {signal.Signals(signum).name}" + (f"; {line}" if line else ""),
+              file=sys.stderr)
+        return 128 + signum
+    except Exception as err:
+        if _peer_failed(err):  # the process that failed first has printed why
+            print(f"error: process {dist.get_rank()} stops: another process of this job "
+                  "failed (its error is printed above, and in torchrun's summary)",
+                  file=sys.stderr)
+            return EXIT_BUG
+        traceback.print_exc()
+        _record_for_torchrun(err)
+        line = resume_line()
+        if line:
+            print(line, file=sys.stderr)
+        return EXIT_BUG
     finally:
+        end_children()
         cleanup_distributed()
