@@ -273,7 +273,7 @@ class _Pngs(Dataset):
 def image_pass(encoders: list, images: DataLoader, device: torch.device, judge=None,
                progress: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """One pass over batches of [-1, 1] images: the CLIP image codes of each encoder and, with
-    a judge (miscc.judge.EvalJudge), its attribute predictions."""
+    a judge (miscc.judge.EvalJudge), its reading (attribute predictions and features)."""
     from tqdm import tqdm
 
     codes: list[list[torch.Tensor]] = [[] for _ in encoders]
@@ -287,7 +287,7 @@ def image_pass(encoders: list, images: DataLoader, device: torch.device, judge=N
               for c, e in zip(codes, encoders, strict=True)]
     if judge is None:
         return joined, None
-    return joined, torch.cat(preds) if preds else torch.zeros(0, 5, dtype=torch.long)
+    return joined, torch.cat(preds) if preds else judge.empty()
 
 
 def encode_images(encoder, images: DataLoader, device: torch.device,

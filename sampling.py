@@ -116,7 +116,7 @@ def evaluate_test_set(cfg, device: torch.device, encoder: ClipEncoder, data: Tex
     if other is not None:
         extra.append(torch.cat(other_codes) if other_codes else torch.zeros(0, other.embed_dim))
     if judge is not None:
-        extra.append(torch.cat(preds) if preds else torch.zeros(0, 5, dtype=torch.long))
+        extra.append(torch.cat(preds) if preds else judge.empty())
     all_items, all_codes, *all_extra = _gather(items[mine], codes_t, *extra)
     result = None
     if is_main_process():

@@ -3,6 +3,7 @@ a small CNN trained on freshly drawn pictures) reads shape, colour, size, positi
 background off each generated test image, for one run or several side by side.
 
     python bench/shapes_judge.py --path output/shapes_DMGAN [--path OTHER_RUN ...]
+    python bench/shapes_judge.py --path output/shapes_VQGAN  # the tokenizer's reconstructions
     python bench/shapes_judge.py --train        # rebuild assets/shapes_judge.pt (~16 min, 1 core)
 
 R-precision only says the CLIP encoder matches an image to its caption, and a generator can
@@ -10,8 +11,11 @@ win it with textures the encoder likes; this judge never saw the encoder. Its we
 `assets/shapes_judge.pt` (`--judge` names another file: loaded when present, trained there
 first otherwise). It scores `<path>/valid/single/<key>_s<k>.png` (written by
 `main.py --cfg cfg/eval_clip_shapes.yml`, which also puts these numbers in metrics.json) on
-the attributes caption k names; the real test pictures are scored in the same run as the
-reference, chance as the floor.
+the attributes caption k names (a tokenizer run's `<key>.png` reconstructions against the
+picture's first caption); the real test pictures are scored in the same run as the reference,
+chance as the floor. Beside the accuracies it prints each run's Fréchet distance to the real
+test pictures in the judge's pooled features (`miscc.judge.frechet_entry`; lower is more like
+them), with two random halves of the real pictures as the floor.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from miscc.judge import (
     JudgeError,
     caption_truth,
     chance,
+    frechet_entry,
     load_judge,
-    predict,
+    read_pictures,
     save_judge,
     score,
+    split_reading,
     to_tensor,
     train_judge,
 )
@@ -65,14 +71,21 @@ def read_test_split(data_dir: Path) -> tuple[dict[str, list[int]], list[Path]]:
 
 def load_generated(path: Path, truth: dict[str, list[int]]
                    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Generated test images, the attribute truth of their pictures, and their caption index."""
+    """Generated test images (`<key>_s<k>.png`; or a tokenizer's `<key>.png` reconstructions,
+    read against caption 0), the attribute truth of their pictures, and their caption index."""
     root = path / "valid" / "single"
     files = sorted(root.glob("*/*_s*.png"))
+    if files:
+        keys, index = zip(*(f.relative_to(root).with_suffix("").as_posix().rsplit("_s", 1)
+                            for f in files), strict=True)
+    else:
+        files = sorted(f for f in root.glob("*/*.png")
+                       if f.relative_to(root).with_suffix("").as_posix() in truth)
+        keys = tuple(f.relative_to(root).with_suffix("").as_posix() for f in files)
+        index = ("0",) * len(files)
     if not files:
         raise UsageError(f"{root} has no <key>_s<k>.png images: run main.py --cfg "
                          "cfg/eval_clip_shapes.yml (with OUTPUT_DIR pointing there) first")
-    keys, index = zip(*(f.relative_to(root).with_suffix("").as_posix().rsplit("_s", 1)
-                        for f in files), strict=True)
     unknown = sorted(set(keys) - truth.keys())
     if unknown:
         raise UsageError(f"{root}: {len(unknown)} images of keys not in the test split (e.g. "
@@ -112,15 +125,24 @@ def run(args: argparse.Namespace) -> None:
              else get_judge(judge_file, args.images, args.steps, args.seed))
 
     floor = chance()
-    rows = {"chance": floor, "real test pictures": score(predict(judge, real_x), real_y,
-                                                          [0] * len(real_y))}
+    real_pred, real_features = split_reading(read_pictures(judge, real_x))
+    halves = frechet_entry(real_features, real_features)["real_halves"]
+    rows = {"chance": floor,
+            "real test pictures": {**score(real_pred, real_y, [0] * len(real_y)), "FD": halves}}
     for p, (x, y, index) in generated.items():
-        rows[f"{p} ({len(y)} images)"] = score(predict(judge, x), y, index)
+        pred, features = split_reading(read_pictures(judge, x))
+        fd = frechet_entry(features, real_features)["generated"]
+        rows[f"{p} ({len(y)} images)"] = {**score(pred, y, index), "FD": fd}
     columns = [*ATTRIBUTES, "shape+colour"]
     width = max(len(r) for r in rows)
-    print(f"{'accuracy %':<{width}}  " + "  ".join(f"{c:>12}" for c in columns))
+    print(f"{'accuracy %':<{width}}  " + "  ".join(f"{c:>12}" for c in columns)
+          + f"  {'Fréchet':>8}")
     for name, row in rows.items():
-        print(f"{name:<{width}}  " + "  ".join(f"{100 * row[c]:>12.1f}" for c in columns))
+        fd = row.get("FD")
+        print(f"{name:<{width}}  " + "  ".join(f"{100 * row[c]:>12.1f}" for c in columns)
+              + f"  {'' if fd is None else f'{fd:8.2f}'}")
+    print("Fréchet: distance to the real test pictures in the judge's pooled features (the "
+          "real row: two random halves of them, the floor at this many pictures)")
     for name, row in list(rows.items())[2:]:
         print(f"{name}: shape {row['shape'] / floor['shape']:.1f}x chance, colour "
               f"{row['colour'] / floor['colour']:.1f}x chance")

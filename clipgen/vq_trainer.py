@@ -32,7 +32,7 @@ from clipgen.vq_losses import (
 from clipgen.vqgan import VQArch, VQModel, check_same_arch, read_arch
 from datasets import read_split
 from miscc.config import to_plain
-from miscc.judge import EvalJudge, judge_row, to_tensor
+from miscc.judge import EvalJudge, frechet_line, judge_row, to_tensor
 from miscc.pictures import save_png_file
 from miscc.training import (
     EpochTrainer,
@@ -169,7 +169,7 @@ def evaluate_tokenizer(cfg, device: torch.device, vq: VQModel | None = None,
           f"{metrics}; rFID: {rfid}")
     if "judge" in result:
         print("shapes judge on the reconstructions (% showing what the picture's first caption "
-              f"names): {judge_row(result['judge'])}")
+              f"names): {judge_row(result['judge'])}\n{frechet_line(result['judge_fd'])}")
     barrier()
     return result
 

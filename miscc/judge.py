@@ -43,6 +43,7 @@ ATTRIBUTES: dict[str, list[str]] = {"shape": list(SHAPES), "colour": list(COLOUR
                                     "size": list(SIZES), "pos": list(POSITIONS),
                                     "bg": list(BACKGROUNDS)}
 PIXELS = 32  # the demo's generated size; larger pictures are scaled down to it
+FEATURES = 128  # width of the pooled features `Judge.read` returns
 JUDGE_FORMAT = "shapes-judge/1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = REPO_ROOT / "assets" / "shapes_judge.pt"
@@ -66,7 +67,9 @@ def rebuild_command(path: str | Path) -> str:
 
 # --------------------------------------------------------------------------------- network
 class Judge(nn.Module):
-    """Three conv blocks and one linear head per attribute."""
+    """Three conv blocks and one linear head per attribute. `read` also returns the last
+    block's features averaged over the picture (`FEATURES` numbers), the space of the judge's
+    Fréchet distance (`frechet_entry`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -79,8 +82,13 @@ class Judge(nn.Module):
         self.heads = nn.ModuleDict({a: nn.Linear(512, len(v)) for a, v in ATTRIBUTES.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.trunk(x)
-        return {a: head(features) for a, head in self.heads.items()}
+        return self.read(x)[0]
+
+    def read(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(logits per attribute, the last block's features averaged over space [B, 128])."""
+        maps = self.trunk[:-2](x)  # before the 2x2 pooling and the flattening
+        features = self.trunk[-2:](maps)
+        return {a: head(features) for a, head in self.heads.items()}, maps.mean(dim=(2, 3))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -144,6 +152,49 @@ def predict(judge: Judge, x: torch.Tensor) -> torch.Tensor:
     out = [torch.stack([v.argmax(1) for v in judge(x[i:i + 500]).values()], 1)
            for i in range(0, len(x), 500)]
     return torch.cat(out) if out else torch.zeros(0, len(ATTRIBUTES), dtype=torch.long)
+
+
+@torch.no_grad()
+def read_pictures(judge: Judge, x: torch.Tensor) -> torch.Tensor:
+    """What the judge reads off pictures x, in batches of 500, as one float tensor
+    [n, 5 + FEATURES]: the predicted attribute indices, then the pooled features."""
+    out = []
+    for i in range(0, len(x), 500):
+        logits, features = judge.read(x[i:i + 500])
+        pred = torch.stack([v.argmax(1) for v in logits.values()], 1)
+        out.append(torch.cat([pred.float(), features], 1))
+    return torch.cat(out) if out else torch.zeros(0, len(ATTRIBUTES) + FEATURES)
+
+
+def split_reading(reading: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`read_pictures` output -> (attribute indices [n, 5] long, features [n, FEATURES])."""
+    return reading[:, :len(ATTRIBUTES)].long(), reading[:, len(ATTRIBUTES):]
+
+
+def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of judge features, with
+    torch-fidelity's formula (the FID's, in the judge's feature space)."""
+    from miscc.statistics import frechet_distance, statistics
+
+    return frechet_distance(statistics(a.double()), statistics(b.double()))
+
+
+def frechet_entry(generated: torch.Tensor, real: torch.Tensor) -> dict:
+    """The metrics.json entry `judge_fd`: the Fréchet distance of the generated pictures'
+    judge features to the real test pictures' (`generated`), and, as the floor a perfect
+    generator would sit at with this many real pictures, that of two random halves of the
+    real pictures (`real_halves`, always the same two halves). Needs no download, unlike
+    the FID."""
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(real), generator=g)
+    half = len(real) // 2
+    entry = {"generated": None, "real_halves": None, "features": FEATURES,
+             "images": len(generated), "real_images": len(real)}
+    if len(generated) >= 2 and len(real) >= 2:
+        entry["generated"] = frechet(generated, real)
+    if half >= 2:
+        entry["real_halves"] = frechet(real[order[:half]], real[order[half:2 * half]])
+    return entry
 
 
 def accuracy(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
@@ -276,19 +327,28 @@ class EvalJudge:
         return cls(load_judge(path, fix)[0], path, info)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Attribute predictions [B, 5] for [-1, 1] images of 8-bit pixels (any size)."""
-        return predict(self.judge, judge_input(images.cpu()))
+        """The judge's reading of [-1, 1] images of 8-bit pixels (any size): attribute
+        predictions and pooled features, [B, 5 + FEATURES] (`read_pictures`)."""
+        return read_pictures(self.judge, judge_input(images.cpu()))
 
-    def metrics(self, items: torch.Tensor, pred: torch.Tensor) -> dict:
-        """`judge` (generated images `items` [M, 2] = (image, caption index) with predictions
-        `pred` [M, 5]), `judge_real` (the real test pictures) and `judge_chance`."""
+    def empty(self) -> torch.Tensor:
+        """The reading of no image."""
+        return torch.zeros(0, len(ATTRIBUTES) + FEATURES)
+
+    def metrics(self, items: torch.Tensor, reading: torch.Tensor) -> dict:
+        """`judge` (generated images `items` [M, 2] = (image, caption index) with readings
+        [M, 5 + FEATURES] from `predict`), `judge_real` (the real test pictures),
+        `judge_chance` and `judge_fd` (`frechet_entry`)."""
+        pred, features = split_reading(reading)
         generated = score(pred, self.truth[items[:, 0]], items[:, 1].tolist())
         real_x = torch.stack([to_tensor(Image.open(p)) for p in self.info.image_paths])
-        real = score(predict(self.judge, real_x), self.truth, [0] * len(self.truth))
+        real_pred, real_features = split_reading(read_pictures(self.judge, real_x))
+        real = score(real_pred, self.truth, [0] * len(self.truth))
         entry = metrics_entry(generated, len(items))
         entry["weights"] = str(self.path)
         return {"judge": entry, "judge_real": metrics_entry(real, len(self.truth)),
-                "judge_chance": metrics_entry(chance())}
+                "judge_chance": metrics_entry(chance()),
+                "judge_fd": frechet_entry(features, real_features)}
 
 
 def judge_row(entry: dict) -> str:
@@ -301,8 +361,20 @@ def judge_lines(result: dict) -> list[str]:
     """Printed summary of the judge entries of a metrics result (none when absent)."""
     if "judge" not in result:
         return []
-    return ["shapes judge (% of images showing what their caption names):",
-            f"  generated ({result['judge']['images']} images): {judge_row(result['judge'])}",
-            f"  real test pictures ({result['judge_real']['images']}): "
-            f"{judge_row(result['judge_real'])}",
-            f"  chance: {judge_row(result['judge_chance'])}"]
+    lines = ["shapes judge (% of images showing what their caption names):",
+             f"  generated ({result['judge']['images']} images): {judge_row(result['judge'])}",
+             f"  real test pictures ({result['judge_real']['images']}): "
+             f"{judge_row(result['judge_real'])}",
+             f"  chance: {judge_row(result['judge_chance'])}"]
+    if "judge_fd" in result:
+        lines.append(f"  {frechet_line(result['judge_fd'])}")
+    return lines
+
+
+def frechet_line(entry: dict) -> str:
+    """A `judge_fd` entry in one line (lower is more like the real pictures)."""
+    def number(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    return (f"Fréchet distance in the judge's features: generated {number(entry['generated'])}, "
+            f"two halves of the real test pictures {number(entry['real_halves'])}")

@@ -240,6 +240,12 @@ def test_judge_entries_equal_the_judge_run_by_hand(evaluated):
          "mean": (1 / 6 + 1 / 6 + 1 / 3 + 1 / 5 + 1 / 5) / 5})
     # the shipped judge reads the real pictures (drawn at 32 px here, at 64 px in training)
     assert min(real[a] for a in J.ATTRIBUTES) >= 0.9
+    # the Fréchet distance of the saved images' judge features to the real pictures'
+    features = [J.split_reading(J.read_pictures(judge, torch.stack(
+        [J.to_tensor(Image.open(p)) for p in paths])))[1]
+        for paths in (pngs, data.info.image_paths)]
+    assert result["judge_fd"] == pytest.approx(J.frechet_entry(*features))
+    assert result["judge_fd"]["generated"] > 0 and result["judge_fd"]["real_images"] == 12
 
 
 def test_missing_or_corrupt_judge_ends_before_drawing(data_dir, encoders, generator, tmp_path,

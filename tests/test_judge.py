@@ -85,12 +85,14 @@ def test_command_line_trains_saves_and_scores(shapes_dir, tmp_path):
     second = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "judge on" not in second.stdout  # loaded, not retrained
     lines = second.stdout.splitlines()
-    assert lines[0].split()[2:] == [*shapes_judge.ATTRIBUTES, "shape+colour"]
+    assert lines[0].split()[2:] == [*shapes_judge.ATTRIBUTES, "shape+colour", "Fréchet"]
     assert lines[1].split()[1:] == ["16.7", "16.7", "33.3", "20.0", "20.0", "2.8"]
     assert lines[2].startswith("real test pictures")
     assert lines[3].startswith(f"{run} ({len(keys)} images)")
     # the copies are the real pictures: shape and colour (named by every caption) score the same
-    assert lines[3].split()[-6:-4] == lines[2].split()[-6:-4]
+    assert lines[3].split()[-7:-5] == lines[2].split()[-7:-5]
+    # ... and their Fréchet distance to them is 0; two halves of the real pictures are apart
+    assert abs(float(lines[3].split()[-1])) < 0.01 < float(lines[2].split()[-1])
 
 
 def test_missing_images_say_what_to_run(shapes_dir, tmp_path):
@@ -191,3 +193,37 @@ def test_command_line_train_only_and_nothing_to_do(tmp_path, capsys):
     assert cli.main([]) == 2
     assert capsys.readouterr().err == \
         "error: nothing to do: give --path RUN (repeatable) and/or --train\n"
+
+
+def test_frechet_entry_equals_the_formula_on_the_judges_pooled_features():
+    """`judge_fd`: ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½) of the features (scipy's matrix square
+    root as the reference), against the real pictures and between two fixed halves of them;
+    `Judge.read` pools the last block's features over space and gives the heads' logits."""
+    from scipy import linalg
+
+    def reference(a, b):
+        a, b = a.double().numpy(), b.double().numpy()
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        root = linalg.sqrtm(s1 @ s2).real
+        return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+    torch.manual_seed(0)
+    real = torch.randn(40, 6) @ torch.randn(6, 6)
+    generated = 0.5 + torch.randn(90, 6)
+    entry = shapes_judge.frechet_entry(generated, real)
+    assert entry["generated"] == pytest.approx(reference(generated, real), rel=1e-4)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    assert entry["real_halves"] == pytest.approx(reference(real[order[:20]], real[order[20:]]),
+                                                 rel=1e-4)
+    assert (entry["images"], entry["real_images"]) == (90, 40)
+    assert shapes_judge.frechet_entry(real, real)["generated"] == pytest.approx(0, abs=1e-6)
+
+    judge = shapes_judge.Judge().eval()
+    x = torch.randn(3, 3, 32, 32)
+    logits, pooled = judge.read(x)
+    assert pooled.shape == (3, shapes_judge.FEATURES)
+    assert torch.allclose(pooled, judge.trunk[:-2](x).mean((2, 3)))
+    assert all(torch.equal(logits[a], v) for a, v in judge(x).items())
+    reading = shapes_judge.read_pictures(judge, x)
+    pred, features = shapes_judge.split_reading(reading)
+    assert torch.equal(pred, shapes_judge.predict(judge, x)) and torch.equal(features, pooled)

@@ -327,6 +327,7 @@ def test_judge_reconstructions_reads_each_picture_against_its_own_caption(shapes
             img.save(folder / f"{key}.png")
     got = judge_reconstructions(cfg, same)
     assert got["judge"] == {**got["judge_real"], "weights": str(SHIPPED)}
+    assert got["judge_fd"]["generated"] == pytest.approx(0.0, abs=1e-4)  # the same pictures
     pred = predict(load_judge(SHIPPED)[0], torch.stack([to_tensor(im) for im in real]))
     truth = torch.tensor([caption_truth(c[0]) for c in info.captions])
     moved = judge_reconstructions(cfg, shifted)["judge"]
