@@ -11,6 +11,7 @@ from miscc.losses import sent_loss, words_loss
 from miscc.utils import CheckpointError, atomic_torch_save
 from model import (
     ClipEncoder,
+    Discriminator,
     Generator,
     build_discriminators,
     gan_arch,
@@ -301,3 +302,34 @@ def test_memory_addressing_is_a_raw_dot_product() -> None:
     keys = stage.key(mem)[mask[2]]                                   # real words only
     expected = torch.softmax(keys @ h[2].flatten(1), dim=0)          # over words
     torch.testing.assert_close(real, expected)
+
+
+def test_discriminator_conditional_logits_equal_the_release_concatenation() -> None:
+    """D_GET_LOGITS concatenates the 4x4 features with the sentence replicated 4x4 and runs a
+    3x3 convolution: `Discriminator` sums the features' and the sentence's parts instead, and
+    the 4x4 logit convolutions run as one matrix product. Same values and gradients (float64),
+    for one or two sentences per image and with wrong sentences."""
+    torch.manual_seed(0)
+    for size in (16, 32):
+        netD = Discriminator(size, 4, TEXT_DIM).double().eval()  # eval: a fixed SN weight
+        images = torch.randn(3, 3, size, size, dtype=torch.float64, requires_grad=True)
+        for k in (1, 2):
+            sent = torch.randn(3 * k, TEXT_DIM, dtype=torch.float64, requires_grad=True)
+            wrong = torch.randn(3 * k, TEXT_DIM, dtype=torch.float64)
+            uncond, cond, cond_wrong = netD(images, sent, wrong)
+            feats = netD.trunk(images)
+
+            def release(s, feats=feats, netD=netD):
+                tiled = feats.repeat(s.shape[0] // feats.shape[0], 1, 1, 1)
+                joint = torch.cat([tiled, s[:, :, None, None].expand(-1, -1, 4, 4)], dim=1)
+                return netD.cond(netD.joint(joint)).flatten()
+
+            ref_cond = release(sent)
+            assert torch.allclose(uncond, netD.uncond(feats).flatten(), atol=1e-12)
+            assert torch.allclose(cond, ref_cond, atol=1e-12)
+            assert torch.allclose(cond_wrong, release(wrong), atol=1e-12)
+            params = [images, sent, *netD.parameters()]
+            got = torch.autograd.grad(cond.sum() + uncond.sum(), params, retain_graph=True)
+            ref = torch.autograd.grad(ref_cond.sum() + netD.uncond(feats).sum(), params)
+            for g, r in zip(got, ref, strict=True):
+                assert torch.allclose(g, r, atol=1e-10)
