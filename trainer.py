@@ -24,6 +24,7 @@ from miscc.losses import (
     discriminator_loss,
     generator_adv_loss,
     kl_loss,
+    matching_aware_gp,
     minimal_pair_loss,
     nt_xent,
     sent_loss,
@@ -279,14 +280,28 @@ class GANTrainer(EpochTrainer):
         values: dict[str, torch.Tensor] = {}
 
         # discriminators: the real image with both its captions and with two wrong ones; fakes
-        d_losses = []
+        kind, magp = str(cfg.TRAIN.GAN_LOSS), float(cfg.TRAIN.MAGP_WEIGHT)
+        d_losses, penalties = [], []
         for i, netD in enumerate(self.netDs):
+            real, matched, first = reals[i], sent, None
+            if magp > 0:  # leaves for the gradient penalty: the images and their first captions
+                real = real.detach().requires_grad_()
+                first = sent[halves[0]].detach().requires_grad_()
+                matched = torch.cat([first, sent[halves[1]]])
             with self._autocast():
-                ru, rc, wc = netD(reals[i], sent, wrong)
+                ru, rc, wc = netD(real, matched, wrong)
                 fu, fc, _ = netD(fakes[i].detach(), sent)
-                loss = sum(discriminator_loss(ru, rc[h], fu[h], fc[h], wc[h]) for h in halves)
+                loss = sum(discriminator_loss(ru, rc[h], fu[h], fc[h], wc[h], kind)
+                           for h in halves)
+            if magp > 0:  # on each image with its first caption (DF-GAN: one per image)
+                penalty = matching_aware_gp(rc[halves[0]], real, first,
+                                            float(cfg.TRAIN.MAGP_POWER))
+                loss = loss + magp * penalty
+                penalties.append(penalty)
             d_losses.append(loss)
             values[f"D{i}"] = loss
+        if penalties:
+            values["MA_GP"] = torch.stack(penalties).sum()
         for loss, opt in zip(d_losses, self.optDs, strict=True):
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -300,7 +315,7 @@ class GANTrainer(EpochTrainer):
             adv = torch.zeros((), device=dev)
             for i, netD in enumerate(self.netDs):
                 fu, fc, _ = unwrap(netD)(fakes[i], sent)
-                adv = adv + sum(generator_adv_loss(fu[h], fc[h]) for h in halves)
+                adv = adv + sum(generator_adv_loss(fu[h], fc[h], kind) for h in halves)
             regions, code = self.encoder.encode_image(fakes[-1])
             words_total = sent_total = kl = pairs = torch.zeros((), device=dev)
             for h in halves:

@@ -111,6 +111,13 @@ def default_config() -> EasyDict:
                 # cross-entropy of the fake image's code over [its caption, its edits] (at
                 # SMOOTH.GAMMA3); MINIMAL_PAIR_EDITS edits per caption are cached (seed SEED)
                 "D_MINIMAL_PAIRS": 0.0,
+                # stage-2 discriminators (docs/DESIGN.md §15): "bce" as DM-GAN releases them,
+                # or DF-GAN's "hinge"; and DF-GAN's matching-aware gradient penalty
+                # MAGP_WEIGHT · mean ‖(∂D/∂image, ∂D/∂sentence)‖^MAGP_POWER on the real
+                # images with their own captions (DF-GAN: 2 and 6; 0 = off, as released)
+                "GAN_LOSS": "bce",
+                "MAGP_WEIGHT": 0.0,
+                "MAGP_POWER": 6.0,
                 "G_MINIMAL_PAIR_WEIGHT": 0.0,
                 "MINIMAL_PAIR_EDITS": 4,
                 "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
@@ -259,6 +266,7 @@ LEGACY_KEYS: dict[str, str | None] = {
 # string keys that take one of a few values: checked when a file or --set gives them
 CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.SMOOTH.SIMILARITY": ("dot", "cosine"),
+    "TRAIN.GAN_LOSS": ("bce", "hinge"),
     "CLIPGEN.CONDITION": ("text", "image"),
     "CLIPGEN.RERANK": ("condition", "pairs"),
     "TRAIN.AMP_DTYPE": ("auto", "bfloat16", "float16"),

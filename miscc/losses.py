@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "GAN_LOSSES",
     "discriminator_loss",
     "generator_adv_loss",
     "kl_loss",
+    "matching_aware_gp",
     "minimal_pair_loss",
     "nt_xent",
     "sent_loss",
@@ -246,29 +248,61 @@ def _bce(logits: Tensor, target: float) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
+GAN_LOSSES = ("bce", "hinge")  # TRAIN.GAN_LOSS: DM-GAN's BCE, or DF-GAN's hinge
+
+
+def _d_term(logits: Tensor, real: bool, kind: str) -> Tensor:
+    """One D term: BCE against 1/0, or the hinge mean(relu(1 ∓ logits))."""
+    if kind == "hinge":
+        return F.relu(1.0 - logits).mean() if real else F.relu(1.0 + logits).mean()
+    if kind != "bce":
+        raise ValueError(f"GAN loss {kind!r}: expected one of {GAN_LOSSES}")
+    return _bce(logits, 1.0 if real else 0.0)
+
+
 def discriminator_loss(
     real_uncond: Tensor | None,
     real_cond: Tensor,
     fake_uncond: Tensor | None,
     fake_cond: Tensor,
     wrong_cond: Tensor,
+    kind: str = "bce",
 ) -> Tensor:
     """One scale's D loss: mean of the real terms + mean of the fake/wrong terms (DM-GAN).
 
     (BCE(real_u,1)+BCE(real_c,1))/2 + (BCE(fake_u,0)+BCE(fake_c,0)+BCE(wrong_c,0))/3;
     an unconditional logit given as None is dropped and the divisor shrinks accordingly.
+    `kind` "hinge" puts DF-GAN's relu(1 - x) for real and relu(1 + x) for fake/wrong logits
+    in place of each BCE, in the same arrangement.
     """
-    real_terms = [_bce(x, 1.0) for x in (real_uncond, real_cond) if x is not None]
-    fake_terms = [_bce(x, 0.0) for x in (fake_uncond, fake_cond, wrong_cond) if x is not None]
+    real_terms = [_d_term(x, True, kind) for x in (real_uncond, real_cond) if x is not None]
+    fake_terms = [_d_term(x, False, kind) for x in (fake_uncond, fake_cond, wrong_cond)
+                  if x is not None]
     return torch.stack(real_terms).mean() + torch.stack(fake_terms).mean()
 
 
-def generator_adv_loss(fake_uncond: Tensor | None, fake_cond: Tensor) -> Tensor:
-    """One scale's G adversarial loss: BCE(fake_uncond, 1) + BCE(fake_cond, 1) (uncond optional)."""
-    loss = _bce(fake_cond, 1.0)
-    if fake_uncond is not None:
-        loss = loss + _bce(fake_uncond, 1.0)
-    return loss
+def generator_adv_loss(fake_uncond: Tensor | None, fake_cond: Tensor,
+                       kind: str = "bce") -> Tensor:
+    """One scale's G adversarial loss: BCE(fake_uncond, 1) + BCE(fake_cond, 1) (uncond
+    optional); `kind` "hinge": -mean(logits) for each (DF-GAN's generator loss)."""
+    terms = [x for x in (fake_cond, fake_uncond) if x is not None]
+    if kind == "hinge":
+        return sum(-x.mean() for x in terms)
+    if kind != "bce":
+        raise ValueError(f"GAN loss {kind!r}: expected one of {GAN_LOSSES}")
+    return sum(_bce(x, 1.0) for x in terms)
+
+
+def matching_aware_gp(real_cond: Tensor, images: Tensor, sent: Tensor,
+                      power: float = 6.0) -> Tensor:
+    """DF-GAN's matching-aware zero-centred gradient penalty, without its weight: the mean
+    over the matched pairs of ‖(∂D/∂image, ∂D/∂sentence)‖^power, D's conditional logits
+    `real_cond` [B] of real `images` with their own sentences `sent` [B, D] (both leaves that
+    require grad, one logit per row). The gradient is kept in the graph (create_graph) so the
+    penalty trains D. Computed in float32."""
+    grads = torch.autograd.grad(real_cond.float().sum(), (images, sent), create_graph=True)
+    flat = torch.cat([g.float().flatten(1) for g in grads], dim=1)
+    return flat.pow(2).sum(1).sqrt().pow(power).mean()
 
 
 def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from miscc.losses import (
     discriminator_loss,
     generator_adv_loss,
     kl_loss,
+    matching_aware_gp,
     minimal_pair_loss,
     nt_xent,
     sent_loss,
@@ -500,3 +501,42 @@ def test_generator_adv_loss_and_kl_hand_values():
     # logvar = log 2, mu = 0: -0.5(1 + log2 - 2) = 0.5(1 - log 2)
     lv = torch.full((2, 5), math.log(2))
     assert kl_loss(torch.zeros(2, 5), lv).item() == pytest.approx(0.5 * (1 - math.log(2)))
+
+
+def test_hinge_losses_hand_values():
+    """TRAIN.GAN_LOSS hinge: relu(1 - x) for real logits, relu(1 + x) for fake and wrong ones,
+    in DM-GAN's arrangement; G: -mean(logits) per head."""
+    x = torch.tensor([0.5, 2.0, -1.0, 0.0])  # relu(1 - x) = .5, 0, 2, 1 -> mean .875
+    # relu(1 + x) = 1.5, 3, 0, 1 -> mean 1.375
+    assert discriminator_loss(None, x, None, x, x, kind="hinge").item() == pytest.approx(
+        0.875 + 1.375)
+    assert discriminator_loss(x, x, x, x, -x, kind="hinge").item() == pytest.approx(
+        0.875 + (1.375 + 1.375 + 0.875) / 3)
+    assert generator_adv_loss(x, 2 * x, kind="hinge").item() == pytest.approx(-0.375 - 0.75)
+    assert generator_adv_loss(None, x, kind="hinge").item() == pytest.approx(-0.375)
+    with pytest.raises(ValueError, match="hinge"):
+        discriminator_loss(None, x, None, x, x, kind="wasserstein")
+
+
+def test_matching_aware_gp_equals_the_hand_computed_gradient_of_a_linear_d():
+    """A toy D that is linear in image and sentence, D(x, s) = <a, x> + <b, s>: its gradient
+    is (a, b) for every pair, so the penalty is ‖(a, b)‖^p, and its own gradient with respect
+    to a is p‖(a, b)‖^(p-2)·a (the penalty trains D)."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    images = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    sent = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    logits = (images * a).sum((1, 2, 3)) + sent @ b
+    norm = torch.cat([a.flatten(), b]).norm()
+    for power in (2.0, 6.0):
+        penalty = matching_aware_gp(logits, images, sent, power)
+        assert penalty.item() == pytest.approx(norm.item() ** power, rel=1e-6)
+        grad_a, = torch.autograd.grad(penalty, a, retain_graph=True)
+        expected = power * norm ** (power - 2) * a
+        assert torch.allclose(grad_a.double(), expected.detach(), rtol=1e-5)
+    # per pair: a D whose gradient differs between rows averages the rows' norms^p
+    scale = torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0, 2.0], dtype=torch.float64)
+    logits = scale * ((images * a).sum((1, 2, 3)) + sent @ b)
+    penalty = matching_aware_gp(logits, images, sent, 6.0)
+    assert penalty.item() == pytest.approx(norm.item() ** 6 * (1 + 2**6) / 2, rel=1e-6)

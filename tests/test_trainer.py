@@ -194,6 +194,41 @@ def test_step_wiring_as_dmgan_cl(gan_cfg, monkeypatch) -> None:
     assert d_grads[0] == n_d_params  # one gradient per D parameter: the D step's alone
 
 
+def test_hinge_loss_and_matching_aware_gp_reach_the_step(gan_cfg, monkeypatch) -> None:
+    """TRAIN.GAN_LOSS hinge goes to every D and G adversarial term; TRAIN.MAGP_WEIGHT k adds
+    k · the penalty of each D's conditional logits of the real images with their first
+    captions, taken with respect to both (leaves of the step), to that D's loss."""
+    k, power = 2.0, 6.0
+    trainer = GANTrainer(gan_cfg("TRAIN.GAN_LOSS=hinge", f"TRAIN.MAGP_WEIGHT={k}"), CPU,
+                         progress=False)
+    kinds, penalties = [], []
+    real_gp = trainer_mod.matching_aware_gp
+
+    def gp(logits, images, sent, p):
+        out = real_gp(logits, images, sent, p)
+        penalties.append((logits.shape, images.shape, sent.shape, images.requires_grad,
+                          sent.requires_grad, p, out.detach()))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "matching_aware_gp", gp)
+    for name in ("discriminator_loss", "generator_adv_loss"):
+        real = getattr(trainer_mod, name)
+        monkeypatch.setattr(trainer_mod, name,
+                            lambda *a, _real=real, **kw: kinds.append(a[-1]) or _real(*a, **kw))
+    batch = next(iter(trainer.loader))
+    stats = trainer.train_step(batch)
+    b = batch["imgs"][0].shape[0]
+    assert set(kinds) == {"hinge"} and len(kinds) == 4 * len(trainer.netDs)
+    assert len(penalties) == len(trainer.netDs)
+    for i, (logits, images, sent, image_leaf, sent_leaf, p, _) in enumerate(penalties):
+        assert logits == (b,) and images[0] == b and sent == (b, 64)
+        assert image_leaf and sent_leaf and p == power
+    assert stats["MA_GP"] == pytest.approx(float(sum(pen[-1] for pen in penalties)), rel=1e-5)
+    # without the switch neither is there
+    plain = GANTrainer(gan_cfg(), CPU, progress=False)
+    assert "MA_GP" not in plain.train_step(batch)
+
+
 def test_minimal_pairs_reach_d_and_g(gan_cfg, monkeypatch) -> None:
     """TRAIN.D_MINIMAL_PAIRS 1: every mismatched sentence D sees is the frozen text tower's code
     of a one-edit variant of that row's own caption (seed SEED + n·C + c), with the real image;
