@@ -470,10 +470,10 @@ class TextImageDataset(CroppedImages):
         self.negatives, self.negative_pictures = int(negatives), int(negative_pictures)
         self.redraw_pairs = bool(redraw_pairs)
         self.picture_attributes = tuple(picture_attributes)
-        unknown = set(self.picture_attributes) - set(SHAPE_ATTRIBUTES)
+        unknown = set(self.picture_attributes) - set(PICTURE_EDITS)
         if unknown:
             raise DataError(f"TRAIN.NEGATIVE_PICTURE_ATTRIBUTES: {sorted(unknown)} are not shapes "
-                            f"attributes; expected a list drawn from {list(SHAPE_ATTRIBUTES)}")
+                            f"attributes; expected a list drawn from {list(PICTURE_EDITS)}")
         self._token_memo: dict[str, torch.Tensor] = {}
         self._drawn: dict[tuple, np.ndarray] = {}
         if (self.negatives or self.negative_pictures or word_lists is not None) and views != 2:
@@ -591,6 +591,8 @@ class TextImageDataset(CroppedImages):
             truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
             for v, caption in enumerate(captions):
                 named = lists.named(caption)
+                if "shape" in named and "outline" in self.picture_attributes:
+                    named["outline"] = []  # a caption naming the shape is contradicted by a blob
                 preferred = {a: v for a, v in named.items() if a in self.picture_attributes}
                 edits = _picture_edits(truth, preferred or named, m,
                                        int(torch.randint(0, 2**31 - 1, ())))
@@ -628,12 +630,13 @@ class TextImageDataset(CroppedImages):
         set's size, JPEG at quality 95, decoded and resized like `load_image`), memoised."""
         import io
 
-        key = tuple(attrs[a] for a in SHAPE_ATTRIBUTES)
+        key = (*(attrs[a] for a in SHAPE_ATTRIBUTES), attrs.get("outline"))
         if key not in self._drawn:
             with Image.open(self.image_paths[0]) as first:
                 side = first.size[0]
             buffer = io.BytesIO()
-            draw_shape_image(*key, side).save(buffer, format="JPEG", quality=95)
+            draw_shape_image(*key[:-1], side, outline=key[-1]).save(buffer, format="JPEG",
+                                                                    quality=95)
             buffer.seek(0)
             with Image.open(buffer) as img:
                 self._drawn[key] = np.array(square_resize(img.convert("RGB"), self.load_size),
@@ -646,14 +649,22 @@ def _picture_edits(truth: dict[str, str], named: dict[str, list[str]], m: int,
     """Up to m attribute sets of a shapes picture (`truth`: attribute -> value) with one
     attribute its caption names changed: categories take turns in a seeded order, values are
     drawn without repeats, and combinations the data set never draws (a purple or blue shape
-    on black) are skipped."""
+    on black) are skipped. The category "outline" (in `named` when wanted) keeps every
+    attribute and destroys the outline (`OUTLINE_EDITS`; a melted circle is still a circle, so
+    circles are only blurred)."""
     import random
 
     rng = random.Random(seed)
     values = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
               "position": list(POSITIONS), "background": list(BACKGROUNDS)}
     pools = []
-    for attribute in sorted(set(named) & set(truth)):
+    for attribute in sorted(set(named) & {*truth, "outline"}):
+        if attribute == "outline":
+            pool = [{**truth, "outline": (kind, sigma)} for kind, sigmas in OUTLINE_EDITS.items()
+                    for sigma in sigmas if not (kind == "melt" and truth["shape"] == "circle")]
+            rng.shuffle(pool)
+            pools.append(pool)
+            continue
         pool = []
         for value in values[attribute]:
             attrs = {**truth, attribute: value}
@@ -702,6 +713,7 @@ SIZES = {"small": 0.19, "medium": 0.25, "large": 0.31}
 POSITIONS = {"top left": (0.33, 0.33), "top right": (0.67, 0.33), "bottom left": (0.33, 0.67),
              "bottom right": (0.67, 0.67), "center": (0.5, 0.5)}
 SHAPE_ATTRIBUTES = ("shape", "colour", "size", "position", "background")  # draw_shape_image's
+PICTURE_EDITS = (*SHAPE_ATTRIBUTES, "outline")  # what a redrawn negative picture may change
 SHAPES_VERSION = 2  # bump when the pictures change: prepare_data.py then rewrites old sets
 BACKGROUNDS = {"white": ((255, 255, 255),), "black": ((20, 20, 20),),
                "gray": ((150, 150, 150),), "white and gray": ((255, 255, 255), (150, 150, 150)),
@@ -741,23 +753,51 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     raise ValueError(shape)
 
 
-def draw_shape_image(shape: str, colour: str, size_word: str, pos: str, bg: str,
-                     px: int) -> Image.Image:
-    """Render one shapes-set picture (drawn at 4x and downsampled for smooth edges)."""
+def _shape_mask(shape: str, size_word: str, pos: str, big: int) -> Image.Image:
+    """The shape's coverage (mode L, 0 or 255) on a `big`-pixel canvas."""
     from PIL import ImageDraw
+
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    fx, fy = POSITIONS[pos]
+    cx, cy, r = fx * big, fy * big, SIZES[size_word] * big
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    else:
+        draw.polygon(_shape_points(shape, cx, cy, r), fill=255)
+    return mask
+
+
+# Outline edits (docs/DESIGN.md §14): the shape's coverage blurred with a Gaussian of this many
+# shape radii, then used as it is ("blur": a soft blob) or cut where it keeps the shape's area
+# ("melt": corners and points melted into a rounded, sharp-edged blob of the same size).
+# Colour, size, position and background stay.
+OUTLINE_EDITS = {"blur": (0.25, 0.45), "melt": (0.3, 0.5)}
+
+
+def draw_shape_image(shape: str, colour: str, size_word: str, pos: str, bg: str,
+                     px: int, outline: tuple[str, float] | None = None) -> Image.Image:
+    """Render one shapes-set picture (drawn at 4x and downsampled for smooth edges). With
+    `outline` = (kind, sigma) from `OUTLINE_EDITS`, the shape's outline is destroyed (blurred or
+    melted, sigma in shape radii) and everything else is drawn as usual."""
+    from PIL import ImageDraw, ImageFilter
 
     big = px * 4
     tones = BACKGROUNDS[bg]
     img = Image.new("RGB", (big, big), tones[0])
-    draw = ImageDraw.Draw(img)
     if len(tones) == 2:
-        draw.rectangle((0, big // 2, big, big), fill=tones[1])
-    fx, fy = POSITIONS[pos]
-    cx, cy, r = fx * big, fy * big, SIZES[size_word] * big
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
-    else:
-        draw.polygon(_shape_points(shape, cx, cy, r), fill=COLOURS[colour])
+        ImageDraw.Draw(img).rectangle((0, big // 2, big, big), fill=tones[1])
+    mask = _shape_mask(shape, size_word, pos, big)
+    if outline is not None:
+        kind, sigma = outline
+        if kind not in OUTLINE_EDITS:
+            raise ValueError(f"outline edit {kind!r}: expected one of {sorted(OUTLINE_EDITS)}")
+        area = int((np.asarray(mask) > 127).sum())
+        mask = mask.filter(ImageFilter.GaussianBlur(sigma * SIZES[size_word] * big))
+        if kind == "melt":  # the `area` most covered pixels
+            level = np.sort(np.asarray(mask), axis=None)[-area]
+            mask = Image.fromarray(np.where(np.asarray(mask) >= level, 255, 0).astype(np.uint8))
+    img.paste(Image.new("RGB", (big, big), COLOURS[colour]), (0, 0), mask)
     return img.resize((px, px), Image.LANCZOS)
 
 

@@ -96,7 +96,8 @@ def default_config() -> EasyDict:
                 "NEGATIVE_PICTURES": 0,
                 # comma-separated attributes the redrawn pictures change when the caption
                 # names any of them ('' = any it names): the ones the image code is slowest
-                # to carry
+                # to carry; "outline" keeps every attribute and destroys the shape's outline
+                # (blurred or melted, docs/DESIGN.md §14), for captions naming the shape
                 "NEGATIVE_PICTURE_ATTRIBUTES": "",
                 "HARD_NEGATIVE_WEIGHT": 1.0,
                 "HARD_NEGATIVE_SCALE": 10.0,
@@ -111,7 +112,7 @@ def default_config() -> EasyDict:
                 # cross-entropy of the fake image's code over [its caption, its edits] (at
                 # SMOOTH.GAMMA3); MINIMAL_PAIR_EDITS edits per caption are cached (seed SEED)
                 "D_MINIMAL_PAIRS": 0.0,
-                # stage-2 discriminators (docs/DESIGN.md §15): "bce" as DM-GAN releases them,
+                # stage-2 discriminators (docs/DESIGN.md §8): "bce" as DM-GAN releases them,
                 # or DF-GAN's "hinge"; and DF-GAN's matching-aware gradient penalty
                 # MAGP_WEIGHT · mean ‖(∂D/∂image, ∂D/∂sentence)‖^MAGP_POWER on the real
                 # images with their own captions (DF-GAN: 2 and 6; 0 = off, as released)

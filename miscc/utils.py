@@ -441,7 +441,7 @@ def end_children(timeout: float = 10.0) -> int:
     """SIGKILL every child process this one started through multiprocessing (DataLoader
     workers, which ignore the stop signals so that the main process can save first) and reap
     them; returns how many were alive. Called on every exit path of a command: otherwise
-    Python's exit waits for a worker that never ends (docs/DESIGN.md §17)."""
+    Python's exit waits for a worker that never ends (docs/DESIGN.md §10)."""
     import multiprocessing
 
     children = multiprocessing.active_children()

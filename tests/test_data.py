@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -467,3 +468,68 @@ def test_redraw_pairs_edit_picture_and_both_captions_alike(shapes_cfg, tokenizer
         assert len(matches) == 1, (seed, matches)
         changed_kinds.add(matches[0])
     assert len(changed_kinds) > 1
+
+
+def test_outline_edits_keep_colour_size_position_and_background_and_change_the_outline():
+    """`draw_shape_image(..., outline=...)`, the negatives of docs/DESIGN.md §14: every pixel is
+    still a mix of the shape's colour and the background only, the covered area (the mix's sum)
+    and its centroid stay, pixels away from the shape are untouched, and the coverage differs
+    from the sharp shape's by at least a tenth of its area."""
+    from datasets import BACKGROUNDS, COLOURS, OUTLINE_EDITS, SHAPES, SIZES, draw_shape_image
+
+    background, colour = np.array(BACKGROUNDS["white"][0], float), np.array(COLOURS["blue"], float)
+    ys, xs = np.mgrid[:32, :32]
+
+    def coverage(img):
+        pixels = np.asarray(img, float)
+        mix = (pixels - background) @ (colour - background) / np.sum((colour - background) ** 2)
+        residual = np.abs(pixels - (background + mix[..., None] * (colour - background))).max()
+        return mix, residual, np.array([np.sum(mix * xs), np.sum(mix * ys)]) / mix.sum()
+
+    for shape, size in itertools.product(SHAPES, SIZES):
+        # away from the shape: beyond its radius plus three of the largest blur's sigmas
+        reach = 32 * SIZES[size] * (1 + 3 * max(max(s) for s in OUTLINE_EDITS.values())) + 2
+        far = np.hypot(xs + 0.5 - 0.67 * 32, ys + 0.5 - 0.67 * 32) > reach
+        sharp = draw_shape_image(shape, "blue", size, "bottom right", "white", 32)
+        mix, _, centre = coverage(sharp)
+        for kind, sigma in ((k, s) for k, ss in OUTLINE_EDITS.items() for s in ss):
+            blob = draw_shape_image(shape, "blue", size, "bottom right", "white", 32,
+                                    outline=(kind, sigma))
+            got, residual, got_centre = coverage(blob)
+            assert residual < 2.0  # colour and background only
+            assert 0.9 < got.sum() / mix.sum() < 1.05  # size
+            assert np.abs(got_centre - centre).max() < 1.0  # position (in pixels)
+            assert np.array_equal(np.asarray(blob)[far], np.asarray(sharp)[far])  # background
+            if not (kind == "melt" and shape == "circle"):  # a melted circle is a circle
+                assert np.abs(got - mix).sum() > 0.1 * mix.sum(), (shape, size, kind, sigma)
+    with pytest.raises(ValueError, match="outline edit"):
+        draw_shape_image("star", "red", "small", "center", "white", 32, outline=("wobble", 1))
+
+
+def test_negative_pictures_with_outline_edits(shapes_cfg, tokenizer):
+    """NEGATIVE_PICTURE_ATTRIBUTES with `outline`: a caption naming the shape gets its own
+    picture with the outline destroyed (every other attribute as the caption's picture), never
+    a melted circle."""
+    from datasets import OUTLINE_EDITS, _picture_edits
+
+    truth = {"shape": "circle", "colour": "red", "size": "small", "position": "top left",
+             "background": "white"}
+    edits = _picture_edits(truth, {"outline": []}, 9, 0)
+    assert {e["outline"] for e in edits} == {("blur", s) for s in OUTLINE_EDITS["blur"]}
+    star = _picture_edits({**truth, "shape": "star"}, {"outline": []}, 9, 0)
+    assert len(star) == sum(len(s) for s in OUTLINE_EDITS.values())
+
+    ds = minimal_pair_set(shapes_cfg, tokenizer, "TRAIN.FLIP=False", pictures=1,
+                          picture_attributes=("outline",))
+    for index in range(6):
+        torch.manual_seed(index)
+        item = ds[index]
+        truth = {c: v[0] for c, v in ds.word_lists.named(ds.info.captions[index][0]).items()}
+        drawn = [ds._apply_view(torch.from_numpy(ds._redraw({**truth, "outline": o})).permute(
+            2, 0, 1), 0, 0, False)[0] for o in (("blur", s) for s in OUTLINE_EDITS["blur"])]
+        drawn += [ds._apply_view(torch.from_numpy(ds._redraw({**truth, "outline": ("melt", s)}))
+                                 .permute(2, 0, 1), 0, 0, False)[0]
+                  for s in OUTLINE_EDITS["melt"] if truth["shape"] != "circle"]
+        for v in range(2):
+            assert item["neg_img_mask"][v, 0]  # every caption names the shape
+            assert any(torch.equal(item["neg_imgs"][v, 0], d) for d in drawn)

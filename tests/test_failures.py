@@ -1,4 +1,4 @@
-"""A failure ends the command (docs/DESIGN.md §17, docs/training-at-scale.md "Exit codes"): no
+"""A failure ends the command (docs/DESIGN.md §10, docs/training-at-scale.md "Exit codes"): no
 process is left behind, the exit code says why, and a config that cannot work with its data
 stops before any data-loader worker starts.
 
