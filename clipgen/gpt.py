@@ -11,6 +11,10 @@ residual; LayerNorm → 4× GELU MLP → residual), learned positions, dropout.
 Sampling draws each token by the Gumbel-max trick with noise that is a hash of (seed, the
 caption's id, the position, the code): the same caption gets the same image whatever the
 batch it is drawn in and however many processes share the work, without a generator per row.
+
+Classifier-free guidance (`GPTArch.null_cond`): training replaces the prefix of a share of the
+rows by a learned "no condition" vector; sampling with guidance w draws from
+logits_c + w·(logits_c − logits_∅), w = 0 being the plain conditional sampler.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class GPTArch:
     n_embd: int = 128
     n_head: int = 4
     dropout: float = 0.0
+    null_cond: bool = False  # a learned unconditional prefix (classifier-free guidance)
 
 
 class KVCache:
@@ -109,7 +114,10 @@ class CondGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.n_layer))
         self.ln_f = nn.LayerNorm(arch.n_embd)
         self.head = nn.Linear(arch.n_embd, arch.vocab, bias=False)
+        self.null = nn.Parameter(torch.zeros(arch.n_embd)) if arch.null_cond else None
         self.apply(self._init)
+        if self.null is not None:
+            nn.init.normal_(self.null, 0.0, 0.02)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -118,13 +126,20 @@ class CondGPT(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def embed(self, tokens: torch.Tensor, cond: torch.Tensor | None, start: int) -> torch.Tensor:
-        """Input vectors of positions start, start+1, …: the prefix (when `cond` is given)
-        followed by `tokens`, each plus its position's embedding."""
+    def embed(self, tokens: torch.Tensor, cond: torch.Tensor | None, start: int,
+              drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Input vectors of positions start, start+1, …: the prefix (when `cond` is given;
+        the learned unconditional one in the rows where `drop` [B] is True) followed by
+        `tokens`, each plus its position's embedding."""
         parts = []
         if cond is not None:
-            parts.append(self.cond(F.normalize(cond.float(), dim=-1)).to(self.tok.weight.dtype)
-                         [:, None])
+            prefix = self.cond(F.normalize(cond.float(), dim=-1)).to(self.tok.weight.dtype)
+            if drop is not None:
+                if self.null is None:
+                    raise ValueError("dropping the condition needs GPTArch.null_cond")
+                prefix = torch.where(drop[:, None].to(prefix.device), self.null.to(prefix.dtype),
+                                     prefix)
+            parts.append(prefix[:, None])
         if tokens.shape[1]:
             parts.append(self.tok(tokens))
         x = torch.cat(parts, dim=1)
@@ -137,8 +152,9 @@ class CondGPT(nn.Module):
             cache.filled += x.shape[1]
         return self.head(self.ln_f(x))
 
-    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.run(self.embed(tokens[:, :-1], cond, 0))
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(self.embed(tokens[:, :-1], cond, 0, drop))
 
 
 # --------------------------------------------------------------------------------- sampling
@@ -186,20 +202,34 @@ def candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
 @torch.inference_mode()
 def sample_tokens(model: CondGPT, cond: torch.Tensor, ids: torch.Tensor, seed: int,
                   top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
-                  use_cache: bool = True) -> torch.Tensor:
+                  use_cache: bool = True, guidance: float = 0.0) -> torch.Tensor:
     """Tokens [B, T] for conditions cond [B, E]; row b's draws depend only on (seed, ids[b]).
     With `use_cache` each step feeds one new token through the key/value cache; without it
-    every step re-runs the whole prefix (the reference sampler; kept for tests/benchmarks)."""
+    every step re-runs the whole prefix (the reference sampler; kept for tests/benchmarks).
+    `guidance` w ≠ 0 (a model with `null_cond`) runs each row twice, with its condition and
+    with none, and draws from logits_c + w·(logits_c − logits_∅)."""
     arch, b = model.arch, len(cond)
     out = torch.zeros(b, arch.tokens, dtype=torch.long, device=cond.device)
-    cache = (KVCache(arch, b, arch.tokens, cond.device, model.tok.weight.dtype)
+    drop = None
+    if guidance:
+        if model.null is None:
+            raise ValueError("classifier-free guidance needs a transformer trained with the "
+                             "condition dropped (CLIPGEN.CFG_DROP > 0)")
+        cond = torch.cat([cond, cond])
+        drop = torch.arange(2 * b, device=cond.device) >= b
+    rows = len(cond)
+    cache = (KVCache(arch, rows, arch.tokens, cond.device, model.tok.weight.dtype)
              if use_cache else None)
     for t in range(arch.tokens):
+        seen = out.repeat(rows // b, 1)
         if cache is not None:
-            x = model.embed(out[:, t - 1: t] if t else out[:, :0], None if t else cond, t)
+            x = model.embed(seen[:, t - 1: t] if t else seen[:, :0], None if t else cond, t,
+                            None if t else drop)
             logits = model.run(x, cache)[:, -1]
         else:
-            logits = model.run(model.embed(out[:, :t], cond, 0))[:, -1]
+            logits = model.run(model.embed(seen[:, :t], cond, 0, drop))[:, -1]
+        if guidance:
+            logits = logits[:b] + guidance * (logits[:b] - logits[b:])
         out[:, t] = gumbel_draw(*candidates(logits, top_k, top_p, temperature), seed, ids, t)
     return out
 

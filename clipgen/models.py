@@ -55,9 +55,12 @@ def gpt_arch(cfg, vq: VQModel, encoder: ClipEncoder) -> GPTArch:
     if int(c.N_EMBD) % int(c.N_HEAD):
         raise ConfigError(f"CLIPGEN.N_EMBD ({c.N_EMBD}) must be a multiple of CLIPGEN.N_HEAD "
                           f"({c.N_HEAD})")
+    drop = float(c.CFG_DROP)
+    if not 0.0 <= drop < 1.0:
+        raise ConfigError(f"CLIPGEN.CFG_DROP is {drop}: expected a share in [0, 1)")
     return GPTArch(vocab=vq.arch.n_embed, tokens=vq.arch.tokens_side ** 2,
                    cond_dim=encoder.embed_dim, n_layer=int(c.N_LAYER), n_embd=int(c.N_EMBD),
-                   n_head=int(c.N_HEAD), dropout=float(c.DROPOUT))
+                   n_head=int(c.N_HEAD), dropout=float(c.DROPOUT), null_cond=drop > 0)
 
 
 def sources(vq_path: Path, vq: VQModel, encoder_name: str, encoder: ClipEncoder) -> dict:
@@ -125,9 +128,13 @@ def draw_images(cfg, gpt: CondGPT, vq: VQModel, cond: torch.Tensor, ids: torch.T
         ids = ids.repeat_interleave(n) * n + torch.arange(n).repeat(len(ids)).to(ids)
     was_training = gpt.training
     gpt.eval()
+    guidance = float(c.GUIDANCE)
+    if guidance and gpt.null is None:
+        raise ConfigError(f"CLIPGEN.GUIDANCE {guidance} needs a transformer trained with "
+                          "CLIPGEN.CFG_DROP > 0 (a learned unconditional prefix)")
     with inference_precision(cfg, cond.device):
         tokens = sample_tokens(gpt, cond, ids, int(cfg.SEED), int(c.TOP_K), float(c.TOP_P),
-                               float(c.TEMPERATURE))
+                               float(c.TEMPERATURE), guidance=guidance)
         gpt.train(was_training)
         images = vq.decode_indices(tokens.view(-1, side, side)).float().clamp(-1, 1)
         if n == 1:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from clipgen.data import TokenizerImages
-from clipgen.gpt import CondGPT
+from clipgen.gpt import CondGPT, GPTArch
 from clipgen.models import (
     check_sources,
     draw_images,
@@ -252,7 +252,7 @@ class CLIPGenTrainer(EpochTrainer):
             return
         path, state = found
         check_sources(state["gpt"]["sources"], self.sources, str(path))
-        if state["gpt"]["arch"] != asdict(self.gpt.arch):
+        if GPTArch(**state["gpt"]["arch"]) != self.gpt.arch:
             raise CheckpointError(f"{path} holds a transformer of other sizes "
                                   f"({state['gpt']['arch']}; the config gives "
                                   f"{asdict(self.gpt.arch)}); use its config or --fresh")
@@ -269,14 +269,17 @@ class CLIPGenTrainer(EpochTrainer):
         c, dev = self.cfg.CLIPGEN, self.device
         tokens = batch["tokens"].to(dev, non_blocking=True)
         emb = batch["emb"].to(dev, non_blocking=True)
-        cond = emb
-        if float(c.NOISE) > 0:  # this step's own generator: nothing to carry over a resume
-            g = torch.Generator().manual_seed(
-                (int(self.cfg.SEED) * 7919 + self.rank) * 1_000_003 + self.step)
+        cond, drop = emb, None
+        # this step's own generator: nothing to carry over a resume
+        g = torch.Generator().manual_seed(
+            (int(self.cfg.SEED) * 7919 + self.rank) * 1_000_003 + self.step)
+        if float(c.NOISE) > 0:
             cond = lafite_noise(emb, float(c.NOISE), g)
+        if float(c.CFG_DROP) > 0:  # rows trained without their condition (guidance)
+            drop = (torch.rand(len(emb), generator=g) < float(c.CFG_DROP)).to(dev)
         zero = torch.zeros((), device=dev)
         with self._autocast():
-            logits = self.model(tokens, cond)
+            logits = self.model(tokens, cond, drop)
             ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
             recon = (recon_loss(logits, self.vq, self.encoder, emb)
                      if self.recon_weight > 0 else zero)

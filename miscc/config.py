@@ -211,6 +211,11 @@ def default_config() -> EasyDict:
                 # LAFITE's language-free remedy for the text-image gap: the conditioning
                 # embedding h (unit length) becomes h + NOISE·ε/‖ε‖ in training (0 = off)
                 "NOISE": 0.0,
+                # classifier-free guidance: the share of training rows whose condition is
+                # replaced by a learned "no condition" prefix (0 = off, as the paper), and the
+                # sampling weight w of logits_c + w·(logits_c − logits_∅) (0 = unguided)
+                "CFG_DROP": 0.0,
+                "GUIDANCE": 0.0,
                 "VIEWS": 4,  # augmented views per training image in the token cache
                 "TOP_K": 500,  # sampling: candidates per token (0 = all codes)
                 "TOP_P": 0.95,  # ... then the smallest top-p share of them

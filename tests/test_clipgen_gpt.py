@@ -82,3 +82,47 @@ def test_gumbel_draws_follow_the_softmax() -> None:
     assert torch.equal(gumbel_draw(wider, torch.cat([codes, codes + 4], 1), 3, ids, 0), drawn)
     u = hashed_uniform(0, torch.arange(512), 4, torch.arange(512).expand(512, 512))
     assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.005
+
+
+def guided_model() -> CondGPT:
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    return CondGPT(replace(ARCH, null_cond=True)).eval()
+
+
+def test_a_dropped_condition_is_the_learned_null_prefix() -> None:
+    """CLIPGEN.CFG_DROP trains rows without their condition: a dropped row's logits do not
+    depend on its embedding, a kept row's do; a model without `null_cond` refuses."""
+    model = guided_model()
+    tokens, cond = torch.randint(0, 32, (3, 9)), torch.randn(3, 16)
+    drop = torch.tensor([True, False, True])
+    a, b = model(tokens, cond, drop), model(tokens, torch.randn(3, 16), drop)
+    assert torch.equal(a[drop], b[drop]) and not torch.allclose(a[1], b[1])
+    assert torch.allclose(model(tokens, cond, ~drop)[0], model(tokens, cond)[0])
+    with pytest.raises(ValueError, match="null_cond"):
+        tiny()(tokens, cond, drop)
+    with pytest.raises(ValueError, match="CFG_DROP"):
+        sample_tokens(tiny(), cond, torch.arange(3), seed=1, guidance=2.0)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_guided_sampling_draws_from_the_guided_logits(use_cache) -> None:
+    """Guidance w: each token is the Gumbel draw of logits_c + w·(logits_c − logits_∅), each
+    from a full recomputation of the prefix (reference loop below); w = 0 is the unguided
+    sampler."""
+    model = guided_model()
+    cond, ids, w = torch.randn(5, 16), torch.arange(20, 25), 1.5
+    got = sample_tokens(model, cond, ids, seed=3, top_k=8, use_cache=use_cache, guidance=w)
+    expect = torch.zeros(5, 9, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(9):
+            conditioned = model.run(model.embed(expect[:, :t], cond, 0))[:, -1]
+            free = model.run(model.embed(expect[:, :t], cond, 0, torch.ones(5, dtype=bool)))[:, -1]
+            expect[:, t] = gumbel_draw(*candidates(conditioned + w * (conditioned - free), 8),
+                                       3, ids, t)
+    assert torch.equal(got, expect)
+    plain = sample_tokens(model, cond, ids, seed=3, top_k=8, use_cache=use_cache)
+    assert torch.equal(sample_tokens(model, cond, ids, seed=3, top_k=8, use_cache=use_cache,
+                                     guidance=0.0), plain)
+    assert not torch.equal(got, plain)

@@ -507,3 +507,37 @@ def test_draw_images_runs_in_inference_precision(vq_ckpt, tiny_encoder_ckpt,
     assert entered == [CPU]
     assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
     assert images.abs().max() <= 1
+
+
+def test_condition_dropout_trains_a_null_prefix_and_guidance_draws_with_it(
+        data_dir, vq_ckpt, tiny_encoder_ckpt, tmp_path, monkeypatch) -> None:
+    """CLIPGEN.CFG_DROP p: the rows of each step whose condition is dropped (p of them, seeded by
+    the step) reach the model as its `drop` mask, and the checkpoint has the learned null
+    prefix; CLIPGEN.GUIDANCE draws with it, and without a null prefix is one error line."""
+    import clipgen.trainer as trainer_mod
+
+    masks = []
+    forward = trainer_mod.CondGPT.forward
+
+    def spy(self, tokens, cond, drop=None):
+        masks.append(drop)
+        return forward(self, tokens, cond, drop)
+
+    monkeypatch.setattr(trainer_mod.CondGPT, "forward", spy)
+    out = tmp_path / "guided"
+    code, err = run_cli(*cli_sets(data_dir, out, vq_ckpt, tiny_encoder_ckpt, "CLIPGEN.CFG_DROP=0.5",
+                                  "TRAIN.MAX_EPOCH=1", "EVAL.NUM_IMAGES=6",
+                                  "CLIPGEN.GUIDANCE=2.0"))
+    assert code == 0, err
+    drops = torch.stack([m.cpu() for m in masks if m is not None])
+    assert drops.shape[1] == 4 and 0 < drops.float().mean() < 1  # some rows of some steps
+    ckpt = torch.load(out / "Model" / "gpt_epoch_1.pth", weights_only=True)
+    assert ckpt["arch"]["null_cond"] and "null" in ckpt["state_dict"]
+    assert json.loads((out / "metrics.json").read_text())["images"] == 6
+    code, err = run_cli("--eval", *cli_sets(data_dir, tmp_path / "plain", vq_ckpt,
+                                            tiny_encoder_ckpt, f"CLIPGEN.NET={out / 'Model'}",
+                                            "EVAL.NUM_IMAGES=6", "CLIPGEN.GUIDANCE=0"))
+    assert code == 0, err
+    code, err = run_cli(*cli_sets(data_dir, tmp_path / "unguided", vq_ckpt, tiny_encoder_ckpt,
+                                  "TRAIN.MAX_EPOCH=1", "CLIPGEN.GUIDANCE=2.0"))
+    assert code == 2 and "CLIPGEN.GUIDANCE 2.0 needs a transformer trained with" in err

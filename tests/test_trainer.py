@@ -220,7 +220,7 @@ def test_hinge_loss_and_matching_aware_gp_reach_the_step(gan_cfg, monkeypatch) -
     b = batch["imgs"][0].shape[0]
     assert set(kinds) == {"hinge"} and len(kinds) == 4 * len(trainer.netDs)
     assert len(penalties) == len(trainer.netDs)
-    for i, (logits, images, sent, image_leaf, sent_leaf, p, _) in enumerate(penalties):
+    for logits, images, sent, image_leaf, sent_leaf, p, _ in penalties:
         assert logits == (b,) and images[0] == b and sent == (b, 64)
         assert image_leaf and sent_leaf and p == power
     assert stats["MA_GP"] == pytest.approx(float(sum(pen[-1] for pen in penalties)), rel=1e-5)
