@@ -5,9 +5,10 @@ calls: captions in, uint8 pixels out, the same pixels for the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from datasets import CaptionTokenizer
 from miscc.config import load_config
-from miscc.pictures import save_caption_grid, save_png_file, to_uint8
+from miscc.pictures import save_caption_grid, to_uint8
 from miscc.utils import CheckpointError, latest_checkpoint, load_checkpoint
 
 DMGAN, CLIPGEN = "DM-GAN", "CLIP-GEN"
@@ -71,14 +72,27 @@ def _checkpoint_in(folder: Path) -> tuple[str, Path]:
             raise RunError(f"{folder} is {what}, not a generator: give the folder main.py or "
                            "train_clipgen.py wrote (OUTPUT_DIR)")
     raise RunError(f"no generator checkpoint in {model}: expected Model/netG_epoch_<N>.pth "
-                   "(main.py) or Model/gpt_epoch_<N>.pth (train_clipgen.py); has the run "
-                   "finished its first snapshot?")
+                   "(main.py), Model/gpt_epoch_<N>.pth (train_clipgen.py) or an export "
+                   "(export.json, export.py); has the run finished its first snapshot?")
 
 
 def find_run(path: str | Path, overrides: Sequence[str] = ()) -> Run:
-    """The generator at `path` (a run folder, its Model/ folder, or a checkpoint file) with the
-    config the run saved (`<run>/config.yml`), `overrides` (KEY=VALUE) applied."""
+    """The generator at `path` (a run folder, its Model/ folder, a checkpoint file, an export
+    folder of `export.py` or the Hub id `owner/name` of one) with the config the run saved
+    (`<run>/config.yml`), `overrides` (KEY=VALUE) applied."""
+    from miscc.export import HUB_ID, hub_folder, is_export, open_export
+
     p = Path(path)
+    if not p.exists() and HUB_ID.fullmatch(str(path)):
+        p = hub_folder(str(path))
+    if is_export(p):
+        exported = open_export(p)
+        cfg = exported.cfg
+        if overrides:
+            from miscc.config import apply_overrides
+
+            apply_overrides(cfg, overrides)
+        return Run(exported.kind, exported.files["generator"], exported.folder, cfg)
     if p.is_file():
         kind, checkpoint = _kind_of_file(p), p
         folder = p.parent.parent if p.parent.name == "Model" else p.parent
@@ -115,7 +129,29 @@ class Drawer:
 
             self.gpt, self.vq, self.encoder, _ = load_models(cfg, self.device)
 
+    def _tokens(self, captions: Sequence[str]) -> torch.Tensor:
+        """Token ids [len(captions), L], warning once about captions cut to WORDS_NUM."""
+        before = self.tokenizer.truncated
+        tokens = self.tokenizer(list(captions))
+        if self.tokenizer.truncated > before:
+            warnings.warn(f"{self.tokenizer.truncated - before} caption(s) cut to "
+                          f"TEXT.WORDS_NUM={self.run.cfg.TEXT.WORDS_NUM} word tokens",
+                          stacklevel=3)
+        return tokens
+
     @torch.no_grad()
+    def draw_pairs(self, tokens: torch.Tensor, caption: torch.Tensor, draw: torch.Tensor,
+                   seed: int | None = None) -> torch.Tensor:
+        """Images [P, 3, H, W] in [-1, 1] of the pairs (caption[p], draw[p]): draw j of the
+        caption with token ids tokens[caption[p]]. Draw j depends on (seed, j) alone (default
+        seed: the run's SEED), so a pair gets the same pixels in whatever batch it is drawn."""
+        cfg = self.run.cfg
+        cfg.SEED = int(cfg.SEED if seed is None else seed)
+        unique, inverse = torch.unique(caption, return_inverse=True)
+        words, sent, mask = self.encoder.encode_text(tokens[unique].to(self.device))
+        words, sent, mask = words.float()[inverse], sent.float()[inverse], mask[inverse]
+        return self._draw(words, sent, mask, draw).float().cpu()
+
     def images(self, captions: Sequence[str], n: int = 1, seed: int | None = None
                ) -> torch.Tensor:
         """[len(captions), n, 3, H, W] in [-1, 1]. Image j of every caption is draw j of
@@ -125,23 +161,41 @@ class Drawer:
             raise ValueError("no captions to draw")
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        cfg = self.run.cfg
-        cfg.SEED = int(cfg.SEED if seed is None else seed)
-        before = self.tokenizer.truncated
-        tokens = self.tokenizer(list(captions))
-        if self.tokenizer.truncated > before:
-            warnings.warn(f"{self.tokenizer.truncated - before} caption(s) cut to "
-                          f"TEXT.WORDS_NUM={cfg.TEXT.WORDS_NUM} word tokens", stacklevel=2)
-        per_batch = max(1, int(cfg.TRAIN.BATCH_SIZE) // n)
-        out = []
-        for part in torch.arange(len(captions)).split(per_batch):
-            words, sent, mask = self.encoder.encode_text(tokens[part].to(self.device))
-            words, sent = (t.float().repeat_interleave(n, 0) for t in (words, sent))
-            mask = mask.repeat_interleave(n, 0)
-            draw = torch.arange(n).repeat(len(part))  # draw j of each caption
-            out.append(self._draw(words, sent, mask, draw).float().cpu())
-        images = torch.cat(out)
+        tokens = self._tokens(captions)
+        pairs = torch.cartesian_prod(torch.arange(len(captions)), torch.arange(n))
+        per_batch = max(1, int(self.run.cfg.TRAIN.BATCH_SIZE))
+        images = torch.cat([self.draw_pairs(tokens, part[:, 0], part[:, 1], seed)
+                            for part in pairs.split(per_batch)])
         return images.view(len(captions), n, *images.shape[1:])
+
+    def stream(self, captions: Sequence[str], n: int, seed: int | None = None,
+               batch: int = 64, skip: Callable[[int, int], bool] | None = None
+               ) -> Iterator[tuple[int, int, np.ndarray | None]]:
+        """Every pair (caption i, draw j), caption by caption: (i, j, uint8 [H, W, 3]) drawn in
+        batches of `batch` pairs, or (i, j, None) for the pairs `skip(i, j)` says are done
+        already. Only one batch is held at a time, so memory does not grow with n."""
+        if not captions:
+            raise ValueError("no captions to draw")
+        tokens = self._tokens(captions)
+        todo: list[tuple[int, int]] = []
+
+        def flush():
+            part = torch.tensor(todo)
+            pixels = to_uint8(self.draw_pairs(tokens, part[:, 0], part[:, 1], seed))
+            done = [(i, j, pic) for (i, j), pic in zip(todo, pixels, strict=True)]
+            todo.clear()
+            return done
+
+        for i in range(len(captions)):
+            for j in range(n):
+                if skip is not None and skip(i, j):
+                    yield i, j, None
+                    continue
+                todo.append((i, j))
+                if len(todo) == batch:
+                    yield from flush()
+        if todo:
+            yield from flush()
 
     def _draw(self, words: torch.Tensor, sent: torch.Tensor, mask: torch.Tensor,
               draw: torch.Tensor) -> torch.Tensor:
@@ -149,9 +203,10 @@ class Drawer:
             from sampling import seeded_noise
 
             # draw j's noise comes from (SEED, j) alone, as custom-caption line j's does
-            noise = [seeded_noise(self.run.cfg, 1, self.netG.arch, offset=j)
-                     for j in range(int(draw.max()) + 1)]
-            z, eps = (torch.cat([pair[k] for pair in noise])[draw].to(self.device)
+            unique, inverse = torch.unique(draw, return_inverse=True)
+            noise = [seeded_noise(self.run.cfg, 1, self.netG.arch, offset=int(j))
+                     for j in unique]
+            z, eps = (torch.cat([pair[k] for pair in noise])[inverse].to(self.device)
                       for k in (0, 1))
             return self.netG(z, sent, words, mask, eps)[0][-1]
         from clipgen.models import draw_images
@@ -186,16 +241,59 @@ def slug(caption: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", caption.lower()).strip("-")[:limit].rstrip("-") or "caption"
 
 
-def write_drawings(images: np.ndarray, captions: Sequence[str], out: str | Path
-                   ) -> tuple[list[Path], Path]:
-    """Each image as `<out>/<i>_<slug>_<j>.png` and one grid `<out>/grid.png` (a row per
-    caption, the caption under each image); returns (image files, grid file)."""
+GRID_LIMIT = 48  # images the grid of `write_stream` shows (the first ones, caption by caption)
+GRID_CELL = 128  # their side in the grid (caption_grid's cell)
+
+
+def drawing_path(out: Path, i: int, caption: str, j: int) -> Path:
+    """Where `write_stream` puts draw j of caption i."""
+    return out / f"{i:03d}_{slug(caption)}_{j}.png"
+
+
+def _write_png(pixels: np.ndarray, path: Path) -> None:
+    """A PNG written under a temporary name and renamed: a file a re-run finds is complete."""
+    from PIL import Image
+
+    from miscc.utils import disk_writes
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with disk_writes(path, pixels.nbytes, cleanup=[tmp]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+        tmp.replace(path)
+
+
+def write_stream(drawer: Drawer, captions: Sequence[str], n: int, out: str | Path,
+                 seed: int | None = None, batch: int = 64, progress: bool = True
+                 ) -> tuple[int, int, Path]:
+    """Draw every caption n times into `<out>/<i>_<slug>_<j>.png`, batch by batch, each PNG
+    written as soon as it is drawn; images already on disk are skipped (a re-run after an
+    interruption draws only the rest, the same pixels as one run would have). Then `grid.png`
+    of the first GRID_LIMIT images with their captions. Returns (written, skipped, grid)."""
+    from PIL import Image
+    from tqdm import tqdm
+
     out = Path(out)
-    files = [save_png_file(images[i, j], out / f"{i:03d}_{slug(c)}_{j}.png")
-             for i, c in enumerate(captions) for j in range(images.shape[1])]
-    n = images.shape[1]
-    flat = torch.from_numpy(images.reshape(-1, *images.shape[2:])).permute(0, 3, 1, 2)
-    labels = [c for c in captions for _ in range(n)]
-    columns = n if n > 1 else min(4, len(captions))
-    grid = save_caption_grid(flat.float() / 127.5 - 1.0, labels, out / "grid.png", columns)
-    return files, grid
+    shown: list[tuple[np.ndarray, str]] = []
+    written = skipped = 0
+    pairs = drawer.stream(captions, n, seed, batch,
+                          skip=lambda i, j: drawing_path(out, i, captions[i], j).is_file())
+    for i, j, pixels in tqdm(pairs, total=len(captions) * n, desc="drawing", unit="image",
+                             disable=not progress):
+        path = drawing_path(out, i, captions[i], j)
+        if pixels is None:
+            skipped += 1
+        else:
+            _write_png(pixels, path)
+            written += 1
+        if len(shown) < GRID_LIMIT:
+            with Image.open(path) if pixels is None else contextlib.nullcontext() as img:
+                picture = img.convert("RGB") if pixels is None else Image.fromarray(pixels)
+            if max(picture.size) > GRID_CELL:  # as caption_grid scales it, kept small
+                picture = picture.resize((GRID_CELL, GRID_CELL), Image.NEAREST)
+            shown.append((np.asarray(picture), captions[i]))
+    flat = torch.from_numpy(np.stack([p for p, _ in shown])).permute(0, 3, 1, 2)
+    columns = min(n, 8) if n > 1 else min(4, len(shown))
+    grid = save_caption_grid(flat.float() / 127.5 - 1.0, [c for _, c in shown],
+                             out / "grid.png", columns, GRID_CELL)
+    return written, skipped, grid

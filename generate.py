@@ -5,9 +5,15 @@
     python generate.py output/birds_DMGAN/Model/netG_epoch_600.pth --captions my_birds.txt
     echo "a red bird with black wings" | python generate.py output/birds_DMGAN -
 
-RUN is the folder main.py or train_clipgen.py wrote (its newest generator checkpoint is used)
-or one checkpoint file; the run's config.yml names the encoder (and tokenizer) to load.
-Writes <out>/<i>_<caption>_<j>.png for each caption i and draw j, and <out>/grid.png.
+    python generate.py ~/models/shapes-dmgan "a red star"              # an export (export.py)
+    python generate.py owner/shapes-dmgan "a red star"                 # the same on the Hub
+    python generate.py output/shapes_DMGAN "a dog" --n 100000          # streams, resumable
+
+RUN is the folder main.py or train_clipgen.py wrote (its newest generator checkpoint is used),
+one checkpoint file, an export folder of export.py, or the Hugging Face Hub id of one (fetched
+into huggingface_hub's cache); a run's config.yml names the encoder (and tokenizer) to load.
+Writes <out>/<i>_<caption>_<j>.png for each caption i and draw j as soon as it is drawn (a
+re-run skips the files already there) and <out>/grid.png of the first 48.
 """
 
 from __future__ import annotations
@@ -35,12 +41,24 @@ def read_captions(args: argparse.Namespace) -> list[str]:
         path = Path(args.captions_file)
         if not path.is_file():
             raise ConfigError(f"--captions: caption file not found: {path}")
-        lines += path.read_text().splitlines()
+        try:
+            lines += path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"--captions: {path} is not a text file (UTF-8, one caption per "
+                              f"line): byte {err.start} cannot be read") from err
     captions = [line.strip() for line in lines if line.strip()]
     if not captions:
         raise ConfigError("no captions given: type them after RUN, pass --captions FILE "
                           "(one per line) or - to read standard input")
     return captions
+
+
+def default_out(folder: Path, given: str) -> Path:
+    """<run>/generated for a run; ./generated/<name> for an export or a Hub model, whose folder
+    is a model to hand on (or huggingface_hub's cache), not a place for drawings."""
+    from miscc.export import is_export
+
+    return Path("generated") / Path(given).name if is_export(folder) else folder / "generated"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,17 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the draws (default: the run's SEED)")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: <run folder>/generated)")
+                        help="output folder (default: <run folder>/generated; for an export "
+                             "./generated/<its name>)")
     parser.add_argument("--gpu", type=int, default=None,
                         help="GPU index, -1 for the CPU (default: GPU 0 when CUDA is available)")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="images drawn at a time (memory stays that of one batch)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
 
     def body() -> None:
         import torch
 
-        from drawing import Drawer, find_run, write_drawings
+        from drawing import Drawer, find_run, write_stream
         from miscc.utils import select_device
 
         captions = read_captions(args)
@@ -77,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cpu" and int(run.cfg.CPU_THREADS) > 0:
             torch.set_num_threads(int(run.cfg.CPU_THREADS))
         print(f"{run.kind}: {run.checkpoint}")
-        images = Drawer(run, device)(captions, args.n, args.seed)
-        out = Path(args.out) if args.out else run.folder / "generated"
-        files, grid = write_drawings(images, captions, out)
-        print(f"wrote {len(files)} images to {out}/ and the grid {grid}")
+        out = Path(args.out) if args.out else default_out(run.folder, args.run)
+        written, skipped, grid = write_stream(Drawer(run, device), captions, args.n, out,
+                                              args.seed, args.batch,
+                                              progress=not args.no_progress)
+        kept = f" ({skipped} already there)" if skipped else ""
+        print(f"wrote {written} images to {out}/{kept} and the grid {grid}")
 
     return run_command(body, USER_ERRORS)
 

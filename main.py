@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():
                 print(f"done: epoch {summary['epoch']}, step {summary['step']}; checkpoints in "
                       f"{trainer.model_dir}, sample grids in {trainer.image_dir}")
-        elif cfg.B_VALIDATION:
+            return None
+        from miscc.export import use_export
+
+        use_export(cfg, "TRAIN.NET_G")  # TRAIN.NET_G may name an export of export.py
+        if cfg.B_VALIDATION:
             from sampling import generate_test_set
 
             generate_test_set(cfg, device, progress=not args.no_progress)

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from clipgen.generate import evaluate, generate_custom, has_captions
         from clipgen.trainer import CLIPGenTrainer
 
+        if args.captions is not None or args.eval:
+            from miscc.export import use_export
+
+            use_export(cfg, "CLIPGEN.NET")  # CLIPGEN.NET may name an export of export.py
         if args.captions is not None:
             if is_main_process():
                 generate_custom(cfg, device, args.captions or None)

@@ -179,11 +179,49 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+SAFETENSORS_META = "clip_t2i"  # the metadata entry holding a checkpoint's non-tensor fields
+
+
+def atomic_safetensors_save(state: dict, path: str | Path) -> None:
+    """A weights-only checkpoint (`state_dict` of tensors + JSON-able fields) as a safetensors
+    file: the tensors as they are, every other field as JSON in the header's metadata, written
+    through `atomic_write_bytes`. Loading it runs no code (no pickle)."""
+    import json
+
+    from safetensors.torch import save
+
+    fields = {k: v for k, v in state.items() if k != "state_dict"}
+    # own storage each: safetensors refuses tensors that share memory (views, tied weights)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state["state_dict"].items()}
+    atomic_write_bytes(path, save(tensors, metadata={SAFETENSORS_META: json.dumps(fields)}))
+
+
+def _load_safetensors(path: Path) -> dict:
+    """The dict `atomic_safetensors_save` wrote (fields + `state_dict`)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+    if SAFETENSORS_META not in meta:
+        raise ValueError(f"no {SAFETENSORS_META!r} metadata (not written by this repository)")
+    return {**json.loads(meta[SAFETENSORS_META]), "state_dict": state}
+
+
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
-    """`torch.load(weights_only=True)` on CPU with one clear error for a missing/broken file."""
+    """`torch.load(weights_only=True)` on CPU (a `.safetensors` file: `atomic_safetensors_save`'s
+    format, no pickle) with one clear error for a missing/broken file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return _load_safetensors(path)
+        except Exception as err:  # truncated, not safetensors, foreign metadata
+            raise CheckpointError(f"{what} {path} cannot be read ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]})") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, ...

@@ -16,7 +16,8 @@ from conftest import ROOT
 
 from miscc.config import ConfigError, load_config
 
-SHELL_TOOLS = {"mkdir", "unzip", "tar", "source", "echo", "rm", "tensorboard"}
+SHELL_TOOLS = {"mkdir", "unzip", "tar", "source", "echo", "rm", "tensorboard",
+               "hf"}  # hf: the Hugging Face CLI that huggingface_hub installs
 # README placeholders for the reader's own paths
 PLACEHOLDERS = {"FOLDER": "/data/pictures", "FOLDERNAME": "pictures"}
 
