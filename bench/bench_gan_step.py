@@ -1,7 +1,8 @@
 """Stage-2 training steps/s with the text-feature cache vs. re-encoding captions every step and
-in bf16 vs. fp32 on the CPU, R-precision batched vs. a per-image loop, and the encoder's resize
-of generated images as two matmuls vs. F.interpolate, forward + backward (same run, same
-inputs).
+in bf16 vs. fp32 on the CPU, R-precision batched vs. a per-image loop, the encoder's resize
+of generated images as two matmuls vs. F.interpolate, and the discriminators' conditional
+logits as `model.Discriminator` computes them vs. the release's concatenation, forward +
+backward (same run, same inputs).
 
     python bench/bench_gan_step.py [--steps 10 --batch 16 --threads 1]
 
@@ -28,7 +29,7 @@ from datasets import make_shapes_dataset
 from miscc.config import load_config
 from miscc.training import cpu_has_bf16
 from miscc.utils import atomic_torch_save
-from model import CLIP_ARCH_DIR, ClipEncoder, resize_bicubic, resolve_clip_name
+from model import CLIP_ARCH_DIR, ClipEncoder, Discriminator, resize_bicubic, resolve_clip_name
 from r_precision import rank_first, rank_first_loop, sample_negatives
 from trainer import GANTrainer
 
@@ -151,6 +152,56 @@ def bench_resize(batch: int, reps: int = 20) -> None:
     print(f"  ratio interpolate/matmul: {times['F.interpolate'] / times['matmul']:.1f}x")
 
 
+class ReleaseD(Discriminator):
+    """The same weights, conditional logits as DM-GAN's D_GET_LOGITS computes them: features ⊕
+    the sentence replicated 4x4 through the 3x3 joint convolution for every sentence, 4x4
+    logit convolutions."""
+
+    def cond_logits(self, feats, sents):
+        out = []
+        for sent in sents:
+            tiled = feats.repeat(sent.shape[0] // feats.shape[0], 1, 1, 1)
+            joint = torch.cat([tiled, sent[:, :, None, None].expand(-1, -1, 4, 4)], dim=1)
+            out.append(self.cond(self.joint(joint)).flatten())
+        return out
+
+    def forward(self, images, sent, wrong_sent=None):
+        feats = self.trunk(images)
+        logits = self.cond_logits(feats, [sent] if wrong_sent is None else [sent, wrong_sent])
+        return self.uncond(feats).flatten(), logits[0], logits[1] if len(logits) > 1 else None
+
+
+def bench_discriminator(batch: int, reps: int = 20) -> None:
+    """One step's discriminator work at 32 px, DF_DIM 16, 64-d sentences: the real images with
+    both captions and wrong ones, the 2B fakes, then the fakes again for G; backward each."""
+    torch.manual_seed(0)
+    ours = Discriminator(32, 16, 64)
+    release = ReleaseD(32, 16, 64)
+    release.load_state_dict(ours.state_dict())
+    real, fake = torch.randn(batch, 3, 32, 32), torch.randn(2 * batch, 3, 32, 32)
+    sent, wrong = torch.randn(2 * batch, 64), torch.randn(2 * batch, 64)
+
+    def step(net) -> None:
+        ru, rc, wc = net(real, sent, wrong)
+        fu, fc, _ = net(fake, sent)
+        (ru.sum() + rc.sum() + wc.sum() + fu.sum() + fc.sum()).backward()
+        gu, gc, _ = net(fake.requires_grad_(), sent)
+        (gu.sum() + gc.sum()).backward()
+
+    times = {}
+    for name, net in (("release concatenation", release), ("Discriminator", ours)):
+        for _ in range(3):
+            step(net)
+        start = time.perf_counter()
+        for _ in range(reps):
+            step(net)
+        times[name] = (time.perf_counter() - start) / reps * 1e3
+    print(f"[discriminator] one step's D work, batch {batch} (x2 captions), 32 px, DF_DIM 16")
+    for name, ms in times.items():
+        print(f"  {name:21s}: {ms:7.2f} ms")
+    print(f"  ratio: {times['release concatenation'] / times['Discriminator']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -164,6 +215,7 @@ def main() -> None:
         bench_steps(args, Path(tmp))
     bench_r_precision(args.rp_images)
     bench_resize(2 * args.batch)
+    bench_discriminator(args.batch)
 
 
 if __name__ == "__main__":
