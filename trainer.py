@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -26,6 +27,7 @@ from miscc.losses import (
     kl_loss,
     matching_aware_gp,
     minimal_pair_loss,
+    negative_loss,
     nt_xent,
     sent_loss,
     words_loss,
@@ -90,6 +92,23 @@ def minimal_pair_wrong(wrong: torch.Tensor, edits: torch.Tensor, mask: torch.Ten
     return torch.where(take[:, None], picked, wrong)
 
 
+# ---------------------------------------------------------- negative augmentation (blurs)
+def gaussian_blurs(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each image [B, C, H, W] blurred by a Gaussian of its own sigma [B] (pixels; separable,
+    reflect-padded, kernel radius 3·max sigma)."""
+    b, c, h, w = images.shape
+    radius = max(1, min(int(torch.ceil(3 * sigma.max())), min(h, w) - 1))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=images.device)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma.to(images.device, torch.float32)[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0).to(images.dtype)
+    x = images.reshape(1, b * c, h, w)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"),
+                 kernel[:, None, None, :], groups=b * c)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"),
+                 kernel[:, None, :, None], groups=b * c)
+    return x.view(b, c, h, w)
+
+
 # ---------------------------------------------------------------------------------- trainer
 class GANTrainer(EpochTrainer):
     """DM-GAN training loop (docs/DESIGN.md §8; the losses: §6): D per scale, then G with
@@ -102,6 +121,11 @@ class GANTrainer(EpochTrainer):
                  fresh: bool = False, progress: bool = True) -> None:
         super().__init__(cfg, device, rank, world, fresh, progress)
         self.memory_format = memory_format(bool(cfg.TRAIN.CHANNELS_LAST) and self.cuda)
+        sigma = list(cfg.TRAIN.D_BLUR_SIGMA)
+        blur = float(cfg.TRAIN.D_BLUR_WEIGHT) > 0
+        if blur and not (len(sigma) == 2 and 0 < sigma[0] <= sigma[1]):
+            raise ConfigError(f"TRAIN.D_BLUR_SIGMA is {sigma}: expected [low, high] blur sigmas "
+                              "in pixels, 0 < low <= high")
         decay = float(cfg.TRAIN.LR_DECAY_START)
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"TRAIN.LR_DECAY_START is {decay}: expected a fraction of the "
@@ -281,6 +305,12 @@ class GANTrainer(EpochTrainer):
 
         # discriminators: the real image with both its captions and with two wrong ones; fakes
         kind, magp = str(cfg.TRAIN.GAN_LOSS), float(cfg.TRAIN.MAGP_WEIGHT)
+        blur_weight, blurred = float(cfg.TRAIN.D_BLUR_WEIGHT), []
+        if blur_weight > 0:  # negative augmentation: sigma per image, from the step's noise
+            low, high = (float(v) for v in cfg.TRAIN.D_BLUR_SIGMA)
+            sigma = low + (high - low) * torch.rand(b, generator=noise)
+            biggest = reals[-1].shape[-1]
+            blurred = [gaussian_blurs(x, sigma * x.shape[-1] / biggest) for x in reals]
         d_losses, penalties = [], []
         for i, netD in enumerate(self.netDs):
             real, matched, first = reals[i], sent, None
@@ -298,6 +328,12 @@ class GANTrainer(EpochTrainer):
                                             float(cfg.TRAIN.MAGP_POWER))
                 loss = loss + magp * penalty
                 penalties.append(penalty)
+            if blur_weight > 0:  # the real images blurred: fakes to D, with their captions
+                with self._autocast():
+                    bu, bc, _ = netD(blurred[i], sent)
+                    blur_loss = sum(negative_loss([bu, bc[h]], kind) for h in halves)
+                loss = loss + blur_weight * blur_loss
+                values[f"D{i}_blur"] = blur_loss
             d_losses.append(loss)
             values[f"D{i}"] = loss
         if penalties:

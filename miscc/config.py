@@ -119,6 +119,11 @@ def default_config() -> EasyDict:
                 "GAN_LOSS": "bce",
                 "MAGP_WEIGHT": 0.0,
                 "MAGP_POWER": 6.0,
+                # negative augmentation for D (docs/DESIGN.md §8): each real image blurred by a
+                # Gaussian of sigma drawn from D_BLUR_SIGMA (pixels at the largest size), scored
+                # as a fake with its captions, weight D_BLUR_WEIGHT (0 = off, as released)
+                "D_BLUR_WEIGHT": 0.0,
+                "D_BLUR_SIGMA": [1.0, 2.0],
                 "G_MINIMAL_PAIR_WEIGHT": 0.0,
                 "MINIMAL_PAIR_EDITS": 4,
                 "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
@@ -348,11 +353,14 @@ def _check_type(path: str, default: Any, value: Any, source: str) -> Any:
             return value
         if value is None:
             return ""
-    elif isinstance(default, list):  # lists of ints (channel multipliers, resolutions)
+    elif isinstance(default, list):  # lists of ints (channel multipliers) or of floats
         items = value if isinstance(value, list) else [value]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-            return list(items)
-        raise ConfigError(f"{source}: {path} expects a list of integers (default {default!r}), "
+        numbers = default and isinstance(default[0], float)
+        allowed = (int, float) if numbers else (int,)
+        if all(isinstance(v, allowed) and not isinstance(v, bool) for v in items):
+            return [float(v) for v in items] if numbers else list(items)
+        kind = "numbers" if numbers else "integers"
+        raise ConfigError(f"{source}: {path} expects a list of {kind} (default {default!r}), "
                           f"got {value!r}")
     else:  # pragma: no cover - defaults only hold the types above
         return value

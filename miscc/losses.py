@@ -22,6 +22,7 @@ __all__ = [
     "kl_loss",
     "matching_aware_gp",
     "minimal_pair_loss",
+    "negative_loss",
     "nt_xent",
     "sent_loss",
     "words_loss",
@@ -279,6 +280,12 @@ def discriminator_loss(
     fake_terms = [_d_term(x, False, kind) for x in (fake_uncond, fake_cond, wrong_cond)
                   if x is not None]
     return torch.stack(real_terms).mean() + torch.stack(fake_terms).mean()
+
+
+def negative_loss(logits: list[Tensor], kind: str = "bce") -> Tensor:
+    """The mean of the fake terms of D (BCE against 0, or hinge relu(1 + x)) over `logits`:
+    D's loss on negatively augmented real images (e.g. blurred), scored as fakes."""
+    return torch.stack([_d_term(x, False, kind) for x in logits]).mean()
 
 
 def generator_adv_loss(fake_uncond: Tensor | None, fake_cond: Tensor,

@@ -17,6 +17,7 @@ from miscc.losses import (
     kl_loss,
     matching_aware_gp,
     minimal_pair_loss,
+    negative_loss,
     nt_xent,
     sent_loss,
     words_loss,
@@ -540,3 +541,12 @@ def test_matching_aware_gp_equals_the_hand_computed_gradient_of_a_linear_d():
     logits = scale * ((images * a).sum((1, 2, 3)) + sent @ b)
     penalty = matching_aware_gp(logits, images, sent, 6.0)
     assert penalty.item() == pytest.approx(norm.item() ** 6 * (1 + 2**6) / 2, rel=1e-6)
+
+
+def test_negative_loss_scores_augmented_reals_as_fakes():
+    x = torch.tensor([0.0, 0.0])
+    assert negative_loss([x, x]).item() == pytest.approx(math.log(2))
+    assert negative_loss([torch.full((3,), 30.0), torch.full((3,), -30.0)]).item() == \
+        pytest.approx(15.0, rel=1e-6)  # (30 + 0) / 2
+    assert negative_loss([torch.tensor([0.5, -2.0])], kind="hinge").item() == pytest.approx(
+        (1.5 + 0.0) / 2)

@@ -229,6 +229,47 @@ def test_hinge_loss_and_matching_aware_gp_reach_the_step(gan_cfg, monkeypatch) -
     assert "MA_GP" not in plain.train_step(batch)
 
 
+def test_blurred_reals_are_d_negatives_of_their_captions(gan_cfg, monkeypatch) -> None:
+    """TRAIN.D_BLUR_WEIGHT w: each D also sees the step's real images blurred (a sigma per image
+    drawn in D_BLUR_SIGMA, pixels at the largest size, scaled to each D's size) with both
+    captions, as fakes: w · the fake terms join that D's loss (logged as D<i>_blur); the blur
+    is torchvision's Gaussian blur."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    x = torch.rand(3, 3, 32, 32)
+    sigma = torch.tensor([1.0, 1.5, 2.0])
+    ref = torch.stack([gaussian_blur(x[i:i + 1], kernel_size=13, sigma=float(sigma[i]))[0]
+                       for i in range(3)])
+    assert torch.allclose(trainer_mod.gaussian_blurs(x, sigma), ref, atol=1e-5)
+
+    trainer = GANTrainer(gan_cfg("TRAIN.D_BLUR_WEIGHT=0.5", "TRAIN.D_BLUR_SIGMA=[1.0,2.0]"),
+                         CPU, progress=False)
+    seen, blurs = [], []
+    for d in trainer.netDs:
+        d.register_forward_pre_hook(lambda m, a: seen.append(a))
+    real_blur = trainer_mod.gaussian_blurs
+    monkeypatch.setattr(trainer_mod, "gaussian_blurs",
+                        lambda images, s: blurs.append((images, s)) or real_blur(images, s))
+    batch = next(iter(trainer.loader))
+    stats = trainer.train_step(batch)
+    b = batch["imgs"][0].shape[0]
+    assert [tuple(x.shape[-2:]) for x, _ in blurs] == [(16, 16), (32, 32)]
+    small, large = blurs[0][1], blurs[1][1]
+    assert torch.allclose(small, large / 2) and bool(((large >= 1) & (large <= 2)).all())
+    # per scale: real + wrong, fake, blurred (3 D calls in the D step), then G's call
+    for i in range(len(trainer.netDs)):
+        images, sent = seen[3 * i + 2][:2]
+        assert torch.equal(images, real_blur(batch["imgs"][i][:, 0], blurs[i][1]))
+        assert sent.shape[0] == 2 * b
+        assert stats[f"D{i}_blur"] > 0
+    plain = GANTrainer(gan_cfg(), CPU, progress=False)
+    assert not any(k.endswith("_blur") for k in plain.train_step(batch))
+    for bad in ("[2.0, 1.0]", "[1.0]", "[0, 1]"):
+        with pytest.raises(ConfigError, match="TRAIN.D_BLUR_SIGMA"):
+            GANTrainer(gan_cfg("TRAIN.D_BLUR_WEIGHT=1", f"TRAIN.D_BLUR_SIGMA={bad}"), CPU,
+                       progress=False)
+
+
 def test_minimal_pairs_reach_d_and_g(gan_cfg, monkeypatch) -> None:
     """TRAIN.D_MINIMAL_PAIRS 1: every mismatched sentence D sees is the frozen text tower's code
     of a one-edit variant of that row's own caption (seed SEED + n·C + c), with the real image;
