@@ -254,7 +254,10 @@ class DAMSMTrainer(EpochTrainer):
         b = tokens.shape[0]
         class_ids = damsm_class_ids(cfg, batch, dev)
         text = torch.cat([tokens[:, 0], tokens[:, 1]])
-        images = torch.cat([views[:, 0], views[:, 1]])
+        # without crops or flips the two views are one picture: it goes through the tower once
+        same = torch.equal(views[:, 0], views[:, 1])
+        images = views[:, 0] if same else torch.cat([views[:, 0], views[:, 1]])
+        n_views = len(images)
         neg_text = _pair_major(batch, "neg_tokens", "neg_mask", dev)  # ([2B, K, L], [2B, K])
         neg_pics = _pair_major(batch, "neg_imgs", "neg_img_mask", dev)
         if neg_text is not None:
@@ -265,9 +268,11 @@ class DAMSMTrainer(EpochTrainer):
         with self._autocast():  # one forward over both pairs: [a-captions; b-captions; ...]
             words, sent, mask, regions, code = model(text, images)
         neg_sent = _unpack(sent[2 * b:], neg_text)  # [2B, K, D] or None
-        neg_code = _unpack(code[2 * b:], neg_pics)
-        words, sent, mask, regions, code = (x[: 2 * b] for x in (words, sent, mask, regions,
-                                                                   code))
+        neg_code = _unpack(code[n_views:], neg_pics)
+        words, sent, mask = (x[: 2 * b] for x in (words, sent, mask))
+        regions, code = regions[:n_views], code[:n_views]
+        if same:  # view b's outputs are view a's
+            regions, code = regions.repeat(2, 1, 1), code.repeat(2, 1)
         in_damsm = bool(cfg.TRAIN.HARD_NEGATIVES_IN_DAMSM)
         w_total = s_total = 0.0
         for part in (slice(0, b), slice(b, 2 * b)):

@@ -122,8 +122,10 @@ def test_minimal_pairs_reach_the_losses(tiny_cfg, tmp_path) -> None:
     trainer.encoder.forward = lambda t, i: calls.append((len(t), len(i))) or forward(t, i)
     with torch.no_grad():
         loss, parts = trainer.losses(batch, trainer.encoder)
+    # no crop and no flip: the two views are one picture, encoded once
+    assert torch.equal(batch["imgs"][-1][:, 0], batch["imgs"][-1][:, 1])
     assert calls == [(2 * b + int(batch["neg_mask"].sum()),
-                      2 * b + int(batch["neg_img_mask"].sum()))]
+                      b + int(batch["neg_img_mask"].sum()))]
     assert parts[4] > 0 and loss == pytest.approx(float(parts[:4].sum() - parts[0]
                                                         + 2.0 * parts[4]), rel=1e-5)
     # the same numbers from the encoder outputs by hand
@@ -131,10 +133,10 @@ def test_minimal_pairs_reach_the_losses(tiny_cfg, tmp_path) -> None:
     with torch.no_grad():
         tok, img = batch["tokens"], batch["imgs"][-1]
         _, sent, _ = enc.encode_text(torch.cat([tok[:, 0], tok[:, 1]]))
-        _, code = enc.encode_image(torch.cat([img[:, 0], img[:, 1], batch["neg_imgs"][:, 0]
+        _, code = enc.encode_image(torch.cat([img[:, 0], batch["neg_imgs"][:, 0]
                                               .flatten(0, 1), batch["neg_imgs"][:, 1]
                                               .flatten(0, 1)]))
-        code, neg_code = code[: 2 * b], code[2 * b:].view(2, b, 2, -1).flatten(0, 1)
+        code, neg_code = code[:b].repeat(2, 1), code[b:].view(2, b, 2, -1).flatten(0, 1)
         neg_tok = torch.cat([batch["neg_tokens"][:, 0], batch["neg_tokens"][:, 1]])
         neg_sent = enc.encode_text(neg_tok.flatten(0, 1))[1].view(2 * b, 3, -1)
         mask = torch.cat([batch["neg_mask"][:, 0], batch["neg_mask"][:, 1]])
@@ -199,7 +201,8 @@ def test_redraw_pairs_join_the_batch(tiny_cfg, tmp_path) -> None:
     trainer.encoder.forward = lambda t, i: calls.append((len(t), len(i))) or forward(t, i)
     with torch.no_grad():
         trainer.losses(batch, trainer.encoder)
-    assert calls == [(4 * b + int(batch["neg_mask"].sum()), 4 * b)]
+    # every item's two views are one picture (no crop, both mirrored alike): encoded once
+    assert calls == [(4 * b + int(batch["neg_mask"].sum()), 2 * b)]
 
 
 def test_optimizer_is_fused_and_steps_like_plain_adamw(tiny_cfg, tmp_path) -> None:
@@ -426,3 +429,33 @@ def test_finite_check_runs_after_the_step(tiny_cfg, tmp_path) -> None:
 
     trainer = DAMSMTrainer(tiny_cfg(tmp_path / "run"), torch.device("cpu"), progress=False)
     assert_checked_after_step(trainer, trainer.optimizer)
+
+
+def test_one_picture_in_both_views_goes_through_the_tower_once(tiny_cfg, tmp_path) -> None:
+    """Without crops or flips the two views are the same picture: the image tower sees it once
+    and both (caption, view) pairs read its outputs (in eval mode, where a picture's outputs
+    do not depend on its batch, the losses equal encoding it twice); with random crops each
+    view is encoded."""
+    for crop, views_encoded in (("False", 1), ("True", 2)):
+        cfg = tiny_cfg(tmp_path / crop, "TRAIN.RANDOM_CROP=" + crop, "TRAIN.FLIP=False")
+        trainer = DAMSMTrainer(cfg, CPU, progress=False)
+        trainer.sampler.set_epoch(0)
+        batch = next(iter(trainer.loader))
+        b = batch["tokens"].shape[0]
+        negatives = int(batch["neg_img_mask"].sum()) if "neg_img_mask" in batch else 0
+        seen = []
+        images = trainer.encoder.encode_image
+        trainer.encoder.encode_image = lambda x, f=images: seen.append(len(x)) or f(x)
+        trainer.encoder.eval()
+        with torch.no_grad():
+            loss, parts = trainer.losses(batch, trainer.encoder)
+        assert seen == [views_encoded * b + negatives]
+        assert torch.equal(batch["imgs"][-1][:, 0], batch["imgs"][-1][:, 1]) == (
+            views_encoded == 1)
+        if views_encoded == 1:  # the same losses as a batch whose second view differs in bits
+            twice = dict(batch, imgs=[batch["imgs"][-1].clone()])
+            twice["imgs"][0][:, 1] += 1e-9
+            with torch.no_grad():
+                _, again = trainer.losses(twice, trainer.encoder)
+            assert seen[-1] == 2 * b + negatives
+            assert torch.allclose(parts, again, rtol=1e-5)
