@@ -714,7 +714,7 @@ POSITIONS = {"top left": (0.33, 0.33), "top right": (0.67, 0.33), "bottom left":
              "bottom right": (0.67, 0.67), "center": (0.5, 0.5)}
 SHAPE_ATTRIBUTES = ("shape", "colour", "size", "position", "background")  # draw_shape_image's
 PICTURE_EDITS = (*SHAPE_ATTRIBUTES, "outline")  # what a redrawn negative picture may change
-SHAPES_VERSION = 2  # bump when the pictures change: prepare_data.py then rewrites old sets
+SHAPES_VERSION = 3  # bump when a set's pictures change: prepare_data.py then rewrites old sets
 BACKGROUNDS = {"white": ((255, 255, 255),), "black": ((20, 20, 20),),
                "gray": ((150, 150, 150),), "white and gray": ((255, 255, 255), (150, 150, 150)),
                "light blue and white": ((170, 200, 240), (255, 255, 255))}
@@ -813,27 +813,45 @@ def shapes_captions(shape: str, colour: str, size_word: str, pos: str, bg: str) 
     return out
 
 
+BASE_TRAIN = 800  # the classic set's training pictures: a larger set draws its extra ones last
+
+
+def _shape_picks(n_train: int, n_test: int, seed: int) -> dict[str, list[dict[str, str]]]:
+    """Each picture's attributes, drawn from one seeded stream in the order: the first
+    BASE_TRAIN training pictures, the test pictures, the other training pictures. So a set with
+    more training pictures has the same test split, and its first BASE_TRAIN training pictures,
+    as the 800-picture set of the same seed."""
+    rng = np.random.default_rng(seed)
+    names = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
+             "pos": list(POSITIONS), "bg": list(BACKGROUNDS)}
+
+    def pick() -> dict[str, str]:
+        attrs = {k: v[int(rng.integers(len(v)))] for k, v in names.items()}
+        if attrs["bg"] == "black" and attrs["colour"] in ("purple", "blue"):
+            attrs["bg"] = "white"  # keep every shape clearly visible
+        return attrs
+
+    first = [pick() for _ in range(min(n_train, BASE_TRAIN))]
+    test = [pick() for _ in range(n_test)]
+    return {"train": first + [pick() for _ in range(n_train - len(first))], "test": test}
+
+
 def make_shapes_dataset(out: str | Path, n_train: int = 800, n_test: int = 200,
                         size: int = 64, seed: int = 0) -> dict:
-    """Write the synthetic shapes set in exactly the CUB birds layout (deterministic per seed).
+    """Write the synthetic shapes set in exactly the CUB birds layout (deterministic per seed;
+    the draw order of `_shape_picks`).
 
     Class id = (shape, colour) pair, 1-based like CUB; boxes cover the whole picture so the
     positions named in the captions survive the box crop.
     """
     out = Path(out)
-    rng = np.random.default_rng(seed)
     images_dir = out / "CUB_200_2011" / "images"
     (out / "text").mkdir(parents=True, exist_ok=True)
     lines_images, lines_boxes = [], []
     image_id = 0
-    names = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
-             "pos": list(POSITIONS), "bg": list(BACKGROUNDS)}
-    for split, count in (("train", n_train), ("test", n_test)):
+    for split, picks in _shape_picks(n_train, n_test, seed).items():
         keys, classes = [], []
-        for i in range(count):
-            pick = {k: v[int(rng.integers(len(v)))] for k, v in names.items()}
-            if pick["bg"] == "black" and pick["colour"] in ("purple", "blue"):
-                pick["bg"] = "white"  # keep every shape clearly visible
+        for i, pick in enumerate(picks):
             cls = SHAPES.index(pick["shape"]) * len(COLOURS) + list(COLOURS).index(
                 pick["colour"]) + 1
             folder = f"{cls:03d}.{pick['colour']}_{pick['shape']}"

@@ -533,3 +533,22 @@ def test_negative_pictures_with_outline_edits(shapes_cfg, tokenizer):
         for v in range(2):
             assert item["neg_img_mask"][v, 0]  # every caption names the shape
             assert any(torch.equal(item["neg_imgs"][v, 0], d) for d in drawn)
+
+
+def test_a_larger_shapes_set_extends_the_classic_one(tmp_path, monkeypatch):
+    """More training pictures are drawn after the test split: the same test pictures and the
+    same first BASE_TRAIN training pictures (here 6 of 6 and 15), byte for byte."""
+    import datasets
+
+    monkeypatch.setattr(datasets, "BASE_TRAIN", 6)
+    small, large = tmp_path / "small", tmp_path / "large"
+    datasets.make_shapes_dataset(small, n_train=6, n_test=4, size=32, seed=3)
+    datasets.make_shapes_dataset(large, n_train=15, n_test=4, size=32, seed=3)
+    for split, count in (("test", 4), ("train", 6)):
+        keys = safe_load_pickle(small / split / "filenames.pickle")
+        assert safe_load_pickle(large / split / "filenames.pickle")[:count] == keys
+        for key in keys:
+            for sub, ext in (("CUB_200_2011/images", "jpg"), ("text", "txt")):
+                same = (small / sub / f"{key}.{ext}").read_bytes()
+                assert same == (large / sub / f"{key}.{ext}").read_bytes()
+    assert len(safe_load_pickle(large / "train" / "filenames.pickle")) == 15
