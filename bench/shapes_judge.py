@@ -21,6 +21,7 @@ them), with two random halves of the real pictures as the floor.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -74,15 +75,14 @@ def load_generated(path: Path, truth: dict[str, list[int]]
     """Generated test images (`<key>_s<k>.png`; or a tokenizer's `<key>.png` reconstructions,
     read against caption 0), the attribute truth of their pictures, and their caption index."""
     root = path / "valid" / "single"
-    files = sorted(root.glob("*/*_s*.png"))
-    if files:
-        keys, index = zip(*(f.relative_to(root).with_suffix("").as_posix().rsplit("_s", 1)
-                            for f in files), strict=True)
-    else:
-        files = sorted(f for f in root.glob("*/*.png")
-                       if f.relative_to(root).with_suffix("").as_posix() in truth)
-        keys = tuple(f.relative_to(root).with_suffix("").as_posix() for f in files)
-        index = ("0",) * len(files)
+    names = {f: f.relative_to(root).with_suffix("").as_posix() for f in root.glob("*/*.png")}
+    drawn = {f: m for f, n in names.items() if (m := re.fullmatch(r"(.+)_s(\d+)", n))}
+    if drawn:
+        files = sorted(drawn)
+        keys, index = zip(*(drawn[f].groups() for f in files), strict=True)
+    else:  # a tokenizer's reconstructions, each against its picture's first caption
+        files = sorted(f for f, n in names.items() if n in truth)
+        keys, index = tuple(names[f] for f in files), ("0",) * len(files)
     if not files:
         raise UsageError(f"{root} has no <key>_s<k>.png images: run main.py --cfg "
                          "cfg/eval_clip_shapes.yml (with OUTPUT_DIR pointing there) first")
