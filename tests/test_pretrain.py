@@ -445,10 +445,10 @@ def test_one_picture_in_both_views_goes_through_the_tower_once(tiny_cfg, tmp_pat
         negatives = int(batch["neg_img_mask"].sum()) if "neg_img_mask" in batch else 0
         seen = []
         images = trainer.encoder.encode_image
-        trainer.encoder.encode_image = lambda x, f=images: seen.append(len(x)) or f(x)
+        trainer.encoder.encode_image = lambda x, f=images, s=seen: s.append(len(x)) or f(x)
         trainer.encoder.eval()
         with torch.no_grad():
-            loss, parts = trainer.losses(batch, trainer.encoder)
+            _, parts = trainer.losses(batch, trainer.encoder)
         assert seen == [views_encoded * b + negatives]
         assert torch.equal(batch["imgs"][-1][:, 0], batch["imgs"][-1][:, 1]) == (
             views_encoded == 1)
