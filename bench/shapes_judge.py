@@ -15,7 +15,9 @@ the attributes caption k names (a tokenizer run's `<key>.png` reconstructions ag
 picture's first caption); the real test pictures are scored in the same run as the reference,
 chance as the floor. Beside the accuracies it prints each run's Fréchet distance to the real
 test pictures in the judge's pooled features (`miscc.judge.frechet_entry`; lower is more like
-them), with two random halves of the real pictures as the floor.
+them), beside two random halves of the real pictures and the renderer's drawings of the 2000
+test captions (each keeps the attributes its caption names, the others at random: what a
+perfect generator draws, the floor for generated images).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from easydict import EasyDict
 from PIL import Image
 
-from datasets import DataError, read_split
+from datasets import TEMPLATES, DataError, read_split
 from miscc.judge import (
     ATTRIBUTES,
     SHIPPED,
@@ -39,6 +41,7 @@ from miscc.judge import (
     JudgeError,
     caption_truth,
     chance,
+    draw_for_captions,
     frechet_entry,
     load_judge,
     read_pictures,
@@ -129,6 +132,14 @@ def run(args: argparse.Namespace) -> None:
     halves = frechet_entry(real_features, real_features)["real_halves"]
     rows = {"chance": floor,
             "real test pictures": {**score(real_pred, real_y, [0] * len(real_y)), "FD": halves}}
+    # every test caption drawn by the renderer, its unnamed attributes at random
+    caption_y = real_y.repeat_interleave(len(TEMPLATES), dim=0)
+    caption_k = list(range(len(TEMPLATES))) * len(real_y)
+    perfect = draw_for_captions(caption_y, caption_k, Image.open(real_paths[0]).size[0])
+    perfect_pred, perfect_features = split_reading(read_pictures(judge, perfect))
+    rows[f"renderer, the test captions ({len(caption_k)} images)"] = {
+        **score(perfect_pred, caption_y, caption_k),
+        "FD": frechet_entry(perfect_features, real_features)["generated"]}
     for p, (x, y, index) in generated.items():
         pred, features = split_reading(read_pictures(judge, x))
         fd = frechet_entry(features, real_features)["generated"]
@@ -142,8 +153,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  " + "  ".join(f"{100 * row[c]:>12.1f}" for c in columns)
               + f"  {'' if fd is None else f'{fd:8.2f}'}")
     print("Fréchet: distance to the real test pictures in the judge's pooled features (the "
-          "real row: two random halves of them, the floor at this many pictures)")
-    for name, row in list(rows.items())[2:]:
+          "real row: two random halves of them; the renderer row: what a perfect generator "
+          "draws for the test captions, each keeping the attributes its caption names and "
+          "taking the others at random, the floor for generated test images)")
+    for name, row in list(rows.items())[3:]:
         print(f"{name}: shape {row['shape'] / floor['shape']:.1f}x chance, colour "
               f"{row['colour'] / floor['colour']:.1f}x chance")
 

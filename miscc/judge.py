@@ -121,6 +121,27 @@ def draw_pictures(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images), torch.tensor(labels)
 
 
+def draw_for_captions(truth: torch.Tensor, caption_index: list[int], px: int,
+                      seed: int = 0) -> torch.Tensor:
+    """What a perfect generator could draw for these captions: each picture keeps the
+    attributes its caption (template `caption_index`) names, takes the others at random, and
+    is rendered and JPEG-encoded as `prepare_data.py shapes` writes the set. Its Fréchet
+    distance to the real test pictures is the floor a generator's can reach."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for row, k in zip(truth.tolist(), caption_index, strict=True):
+        named = named_attributes(k)
+        words = {a: values[i if a in named else int(rng.integers(len(values)))]
+                 for (a, values), i in zip(ATTRIBUTES.items(), row, strict=True)}
+        buffer = io.BytesIO()
+        draw_shape_image(words["shape"], words["colour"], words["size"], words["pos"],
+                         words["bg"], px).save(buffer, format="JPEG", quality=95)
+        images.append(to_tensor(Image.open(buffer)))
+    return torch.stack(images)
+
+
 def train_judge(images: int = 20000, steps: int = 4000, seed: int = 0,
                 progress: bool = True) -> tuple[Judge, dict[str, float]]:
     """Train the judge on `images` drawn pictures; return it, rounded to the float16 weights it
