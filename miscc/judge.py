@@ -15,6 +15,7 @@ command line that scores existing runs side by side.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from pathlib import Path
@@ -127,8 +128,6 @@ def draw_for_captions(truth: torch.Tensor, caption_index: list[int], px: int,
     attributes its caption (template `caption_index`) names, takes the others at random, and
     is rendered and JPEG-encoded as `prepare_data.py shapes` writes the set. Its Fréchet
     distance to the real test pictures is the floor a generator's can reach."""
-    import io
-
     rng = np.random.default_rng(seed)
     images = []
     for row, k in zip(truth.tolist(), caption_index, strict=True):
