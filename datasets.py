@@ -668,8 +668,7 @@ def _picture_edits(truth: dict[str, str], named: dict[str, list[str]], m: int,
         pool = []
         for value in values[attribute]:
             attrs = {**truth, attribute: value}
-            if value != truth[attribute] and not (attrs["background"] == "black"
-                                                  and attrs["colour"] in ("purple", "blue")):
+            if value != truth[attribute] and visible(attrs["colour"], attrs["background"]):
                 pool.append(attrs)
         rng.shuffle(pool)
         pools.append(pool)
@@ -816,6 +815,12 @@ def shapes_captions(shape: str, colour: str, size_word: str, pos: str, bg: str) 
 BASE_TRAIN = 800  # the classic set's training pictures: a larger set draws its extra ones last
 
 
+def visible(colour: str, bg: str) -> bool:
+    """Whether the set draws this colour on this background: a purple or blue shape on black
+    would hardly show, so the set puts such pictures on white and never redraws into them."""
+    return not (bg == "black" and colour in ("purple", "blue"))
+
+
 def _shape_picks(n_train: int, n_test: int, seed: int) -> dict[str, list[dict[str, str]]]:
     """Each picture's attributes, drawn from one seeded stream in the order: the first
     BASE_TRAIN training pictures, the test pictures, the other training pictures. So a set with
@@ -827,8 +832,8 @@ def _shape_picks(n_train: int, n_test: int, seed: int) -> dict[str, list[dict[st
 
     def pick() -> dict[str, str]:
         attrs = {k: v[int(rng.integers(len(v)))] for k, v in names.items()}
-        if attrs["bg"] == "black" and attrs["colour"] in ("purple", "blue"):
-            attrs["bg"] = "white"  # keep every shape clearly visible
+        if not visible(attrs["colour"], attrs["bg"]):
+            attrs["bg"] = "white"
         return attrs
 
     first = [pick() for _ in range(min(n_train, BASE_TRAIN))]

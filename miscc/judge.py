@@ -37,6 +37,7 @@ from datasets import (
     DataError,
     SplitInfo,
     draw_shape_image,
+    visible,
 )
 from miscc.utils import CheckpointError, atomic_torch_save, load_checkpoint
 
@@ -134,6 +135,8 @@ def draw_for_captions(truth: torch.Tensor, caption_index: list[int], px: int,
         named = named_attributes(k)
         words = {a: values[i if a in named else int(rng.integers(len(values)))]
                  for (a, values), i in zip(ATTRIBUTES.items(), row, strict=True)}
+        if not visible(words["colour"], words["bg"]):  # as the set draws such a pick
+            words["bg"] = "white"
         buffer = io.BytesIO()
         draw_shape_image(words["shape"], words["colour"], words["size"], words["pos"],
                          words["bg"], px).save(buffer, format="JPEG", quality=95)
@@ -201,10 +204,11 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def frechet_entry(generated: torch.Tensor, real: torch.Tensor) -> dict:
     """The metrics.json entry `judge_fd`: the Fréchet distance of the generated pictures'
-    judge features to the real test pictures' (`generated`), and, as the floor a perfect
-    generator would sit at with this many real pictures, that of two random halves of the
-    real pictures (`real_halves`, always the same two halves). Needs no download, unlike
-    the FID."""
+    judge features to the real test pictures' (`generated`), and, as a reference, that of two
+    random halves of the real pictures (`real_halves`, always the same two halves; with few
+    pictures per half it sits above what a perfect generator reaches, which
+    bench/shapes_judge.py measures with `draw_for_captions`). Needs no download, unlike the
+    FID."""
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(real), generator=g)
     half = len(real) // 2
