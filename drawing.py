@@ -17,7 +17,7 @@ import torch
 
 from datasets import CaptionTokenizer
 from miscc.config import load_config
-from miscc.pictures import save_caption_grid, to_uint8
+from miscc.pictures import save_caption_grid, save_png_file, to_uint8
 from miscc.utils import CheckpointError, latest_checkpoint, load_checkpoint
 
 DMGAN, CLIPGEN = "DM-GAN", "CLIP-GEN"
@@ -250,19 +250,6 @@ def drawing_path(out: Path, i: int, caption: str, j: int) -> Path:
     return out / f"{i:03d}_{slug(caption)}_{j}.png"
 
 
-def _write_png(pixels: np.ndarray, path: Path) -> None:
-    """A PNG written under a temporary name and renamed: a file a re-run finds is complete."""
-    from PIL import Image
-
-    from miscc.utils import disk_writes
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    with disk_writes(path, pixels.nbytes, cleanup=[tmp]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
-        tmp.replace(path)
-
-
 def write_stream(drawer: Drawer, captions: Sequence[str], n: int, out: str | Path,
                  seed: int | None = None, batch: int = 64, progress: bool = True
                  ) -> tuple[int, int, Path]:
@@ -284,7 +271,7 @@ def write_stream(drawer: Drawer, captions: Sequence[str], n: int, out: str | Pat
         if pixels is None:
             skipped += 1
         else:
-            _write_png(pixels, path)
+            save_png_file(pixels, path, atomic=True)
             written += 1
         if len(shown) < GRID_LIMIT:
             with Image.open(path) if pixels is None else contextlib.nullcontext() as img:

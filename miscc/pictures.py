@@ -28,13 +28,18 @@ def _save_png(img: Image.Image, path: str | Path) -> Path:
     return Path(path)
 
 
-def save_png_file(pixels: np.ndarray, path: str | Path) -> Path:
-    """One uint8 [H, W, 3] image as a PNG of an image tree (not atomic: trees hold thousands;
-    a write that fails for space or permission removes its partial file, raises DiskError)."""
+def save_png_file(pixels: np.ndarray, path: str | Path, atomic: bool = False) -> Path:
+    """One uint8 [H, W, 3] image as a PNG of an image tree (a write that fails for space or
+    permission removes its partial file, raises DiskError). Not atomic by default (trees hold
+    thousands); `atomic` writes a temporary name and renames it, so a file that exists is
+    whole (for a re-run that skips the files already there)."""
     path = Path(path)
-    with disk_writes(path, pixels.nbytes, cleanup=[path]):
+    target = path.with_name(f".{path.name}.tmp") if atomic else path
+    with disk_writes(path, pixels.nbytes, cleanup=[target]):
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(target, format="PNG")
+        if atomic:
+            target.replace(path)
     return path
 
 
