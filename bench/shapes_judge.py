@@ -4,6 +4,7 @@ background off each generated test image, for one run or several side by side.
 
     python bench/shapes_judge.py --path output/shapes_DMGAN [--path OTHER_RUN ...]
     python bench/shapes_judge.py --path output/shapes_VQGAN  # the tokenizer's reconstructions
+    python bench/shapes_judge.py --path output/shapes_DMGAN --confusion  # what is drawn instead
     python bench/shapes_judge.py --train        # rebuild assets/shapes_judge.pt (~16 min, 1 core)
 
 R-precision only says the CLIP encoder matches an image to its caption, and a generator can
@@ -41,6 +42,7 @@ from miscc.judge import (
     JudgeError,
     caption_truth,
     chance,
+    confusion_lines,
     draw_for_captions,
     frechet_entry,
     load_judge,
@@ -140,10 +142,12 @@ def run(args: argparse.Namespace) -> None:
     rows[f"renderer, the test captions ({len(caption_k)} images)"] = {
         **score(perfect_pred, caption_y, caption_k),
         "FD": frechet_entry(perfect_features, real_features)["generated"]}
+    tables = {}
     for p, (x, y, index) in generated.items():
         pred, features = split_reading(read_pictures(judge, x))
         fd = frechet_entry(features, real_features)["generated"]
         rows[f"{p} ({len(y)} images)"] = {**score(pred, y, index), "FD": fd}
+        tables[p] = confusion_lines(pred, y, index)
     columns = [*ATTRIBUTES, "shape+colour"]
     width = max(len(r) for r in rows)
     print(f"{'accuracy %':<{width}}  " + "  ".join(f"{c:>12}" for c in columns)
@@ -159,6 +163,10 @@ def run(args: argparse.Namespace) -> None:
     for name, row in list(rows.items())[3:]:
         print(f"{name}: shape {row['shape'] / floor['shape']:.1f}x chance, colour "
               f"{row['colour'] / floor['colour']:.1f}x chance")
+    if args.confusion:
+        for p, lines in tables.items():
+            print(f"\n{p}: what the judge reads for each value a caption names")
+            print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4000, help="judge training steps")
     parser.add_argument("--seed", type=int, default=0, help="judge training seed")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--confusion", action="store_true",
+                        help="also print each run's confusion tables (named value -> value read)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

@@ -299,6 +299,40 @@ def score(pred: torch.Tensor, truth: torch.Tensor, caption_index: list[int]) -> 
     return out
 
 
+def confusion(pred: torch.Tensor, truth: torch.Tensor, caption_index: list[int],
+              attribute: str) -> torch.Tensor:
+    """[n, n] counts of (value the caption names, value the judge reads) for `attribute` over
+    the images whose caption names it: the row of a value no image shows (e.g. a background
+    the generator never draws) is what the accuracy alone hides."""
+    j = list(ATTRIBUTES).index(attribute)
+    rows = [i for i, k in enumerate(caption_index) if attribute in named_attributes(k)]
+    n = len(ATTRIBUTES[attribute])
+    counts = torch.zeros(n * n, dtype=torch.long)
+    if rows:
+        counts.index_add_(0, truth[rows, j] * n + pred[rows, j],
+                          torch.ones(len(rows), dtype=torch.long))
+    return counts.view(n, n)
+
+
+def confusion_lines(pred: torch.Tensor, truth: torch.Tensor,
+                    caption_index: list[int]) -> list[str]:
+    """Every attribute's `confusion` as a text table: a row per named value (numbered), its
+    counts per value read (columns in the same numbering) and the share read right."""
+    lines = []
+    for attribute, values in ATTRIBUTES.items():
+        counts = confusion(pred, truth, caption_index, attribute)
+        title = f"{attribute}: named / read"
+        width = max(len(title), *(len(f"  ({len(values)}) {v}") for v in values)) + 1
+        lines.append(f"{title:<{width}}"
+                     + "".join(f"{f'({c + 1})':>6}" for c in range(len(values))) + "   right")
+        for r, (value, row) in enumerate(zip(values, counts, strict=True)):
+            total = int(row.sum())
+            right = f"{100 * int(row[r]) / total:5.1f} %" if total else "    -"
+            lines.append(f"{f'  ({r + 1}) {value}':<{width}}"
+                         + "".join(f"{int(c):>6}" for c in row) + f"   {right}")
+    return lines
+
+
 def chance() -> dict[str, float]:
     """Accuracy of uniform guessing, per attribute (and shape+colour)."""
     out = {a: 1 / len(v) for a, v in ATTRIBUTES.items()}

@@ -59,6 +59,25 @@ def test_score_counts_only_the_attributes_a_caption_names():
     assert got["shape+colour"] == pytest.approx(2 / 4)
 
 
+def test_confusion_counts_named_against_read_values_over_naming_captions():
+    truth = torch.tensor([[0, 0, 0, 0, 1], [0, 0, 0, 0, 1], [2, 2, 2, 2, 3], [3, 3, 0, 3, 3]])
+    pred = torch.tensor([[0, 0, 0, 0, 4],    # caption 0 names bg: black read as light blue
+                         [1, 0, 2, 4, 1],    # caption 1 names no bg
+                         [0, 2, 2, 2, 3],    # caption 6 names bg: right
+                         [3, 3, 0, 0, 1]])   # caption 4 names bg: 'white and gray' as black
+    bg = shapes_judge.confusion(pred, truth, [0, 1, 6, 4], "bg")
+    expected = torch.zeros(5, 5, dtype=torch.long)
+    expected[1, 4] = expected[3, 3] = expected[3, 1] = 1
+    assert torch.equal(bg, expected)
+    shape = shapes_judge.confusion(pred, truth, [0, 1, 6, 4], "shape")  # every caption names it
+    assert int(shape.sum()) == 4 and int(shape[0, 1]) == 1 and int(shape[2, 0]) == 1
+    lines = shapes_judge.confusion_lines(pred, truth, [0, 1, 6, 4])
+    at = lines.index(next(line for line in lines if line.startswith("bg:")))
+    assert lines[at + 2].split()[-7:] == ["0", "0", "0", "0", "1", "0.0", "%"]  # black
+    assert lines[at + 4].split()[-7:] == ["0", "1", "0", "1", "0", "50.0", "%"]
+    assert lines[at + 1].split()[-1] == "-"  # white: no caption names it
+
+
 def fake_run(shapes_dir, run):
     """A generated tree whose images are the real test pictures; returns the test keys."""
     keys = safe_load_pickle(shapes_dir / "test" / "filenames.pickle")
@@ -96,6 +115,12 @@ def test_command_line_trains_saves_and_scores(shapes_dir, tmp_path):
     # and so are drawings whose unnamed attributes are random
     assert abs(float(lines[4].split()[-1])) < 0.01 < float(lines[2].split()[-1])
     assert float(lines[3].split()[-1]) > 0.01
+    tables = subprocess.run([*command, "--confusion"], capture_output=True, text=True,
+                            check=True, cwd=tmp_path).stdout.splitlines()
+    at = tables.index(f"{run}: what the judge reads for each value a caption names")
+    assert tables[at + 1].startswith("shape: named / read")
+    assert [t.split(":")[0] for t in tables[at + 1:] if ": named / read" in t] == \
+        list(shapes_judge.ATTRIBUTES)
 
 
 def test_missing_images_say_what_to_run(shapes_dir, tmp_path):
