@@ -27,6 +27,7 @@ from miscc.losses import (
     kl_loss,
     matching_aware_gp,
     minimal_pair_loss,
+    mode_seeking_loss,
     negative_loss,
     nt_xent,
     sent_loss,
@@ -74,6 +75,15 @@ def lr_factor(step: int, total: int, decay_start: float) -> float:
     if decay_start >= 1.0 or step < begin:
         return 1.0
     return max(0.0, (total - step) / max(total - begin, 1.0))
+
+
+def text_terms_factor(step: int, total: int, ramp: float) -> float:
+    """The weight of G's text-matching terms at `step`: rising linearly from 0 to 1 over the
+    first `ramp`·total steps (so the adversarial terms alone shape the first pictures), then 1;
+    `ramp` 0 keeps it at 1 throughout, as released."""
+    if ramp <= 0.0:
+        return 1.0
+    return min(1.0, step / max(ramp * total, 1.0))
 
 
 # ---------------------------------------------------------------------------- minimal pairs
@@ -126,6 +136,13 @@ class GANTrainer(EpochTrainer):
         if blur and not (len(sigma) == 2 and 0 < sigma[0] <= sigma[1]):
             raise ConfigError(f"TRAIN.D_BLUR_SIGMA is {sigma}: expected [low, high] blur sigmas "
                               "in pixels, 0 < low <= high")
+        share = float(cfg.TRAIN.MODE_SEEKING_SHARE)
+        if float(cfg.TRAIN.MODE_SEEKING_WEIGHT) > 0 and not 0.0 < share <= 1.0:
+            raise ConfigError(f"TRAIN.MODE_SEEKING_SHARE is {share}: expected the share of each "
+                              "batch drawn twice, in (0, 1]")
+        if not 0.0 <= float(cfg.TRAIN.TEXT_RAMP) <= 1.0:
+            raise ConfigError(f"TRAIN.TEXT_RAMP is {cfg.TRAIN.TEXT_RAMP}: expected a fraction of "
+                              "the training in [0, 1] (0 = the text terms at full weight)")
         decay = float(cfg.TRAIN.LR_DECAY_START)
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"TRAIN.LR_DECAY_START is {decay}: expected a fraction of the "
@@ -291,8 +308,19 @@ class GANTrainer(EpochTrainer):
             (int(self.cfg.SEED) * 7919 + self.rank) * 1_000_003 + self.step)
         z = torch.randn(b, self.arch["Z_DIM"], generator=noise).repeat(2, 1).to(dev)
         eps = torch.randn(2 * b, self.arch["CONDITION_DIM"], generator=noise).to(dev)
-        with self._autocast():
-            fakes, mu, logvar = self.netG(z, sent, words, mask, eps)
+        ms_weight = float(cfg.TRAIN.MODE_SEEKING_WEIGHT)
+        m = max(1, round(float(cfg.TRAIN.MODE_SEEKING_SHARE) * b)) if ms_weight > 0 else 0
+        if m:  # the first m captions again with fresh noise, in the same pass (one BN batch)
+            z_ms = torch.randn(m, self.arch["Z_DIM"], generator=noise).to(dev)
+            inputs = (torch.cat([z, z_ms]),
+                      *(torch.cat([t, t[:m]]) for t in (sent, words, mask, eps)))
+            with self._autocast():
+                drawn, mu, logvar = self.netG(*inputs)
+            fakes, redrawn = [f[:2 * b] for f in drawn], drawn[-1][2 * b:]
+            mu, logvar = mu[:2 * b], logvar[:2 * b]
+        else:
+            with self._autocast():
+                fakes, mu, logvar = self.netG(z, sent, words, mask, eps)
         wrong = torch.cat([sent[h].roll(1, dims=0) for h in halves])  # another image's caption
         if self.edits is not None:
             cap = batch["cap_idx"]
@@ -368,8 +396,13 @@ class GANTrainer(EpochTrainer):
             damsm = (words_total + sent_total) * sm.LAMBDA
             contrastive = nt_xent(code[:b], code[b:], cfg.TRAIN.TEMPERATURE) \
                 * cfg.TRAIN.CONTRASTIVE_WEIGHT
-            g_loss = adv + damsm + kl + contrastive \
-                + pairs * float(cfg.TRAIN.G_MINIMAL_PAIR_WEIGHT)
+            ramp = text_terms_factor(self.step, self.total_steps, float(cfg.TRAIN.TEXT_RAMP))
+            g_loss = adv + kl + ramp * (damsm + contrastive
+                                        + pairs * float(cfg.TRAIN.G_MINIMAL_PAIR_WEIGHT))
+            if m:
+                seeking = mode_seeking_loss(fakes[-1][:m], redrawn, z[:m], z_ms)
+                g_loss = g_loss + ms_weight * seeking
+                values["G_mode_seeking"] = seeking
         for netD in self.netDs:
             unwrap(netD).requires_grad_(True)
         values.update(G=g_loss, G_adv=adv, DAMSM_words=words_total, DAMSM_sent=sent_total, KL=kl,
@@ -383,11 +416,15 @@ class GANTrainer(EpochTrainer):
         self._update_ema()
         return self.checked(values)
 
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole run (MAX_EPOCH epochs)."""
+        return self.steps_per_epoch * max(1, int(self.cfg.TRAIN.MAX_EPOCH))
+
     def _set_learning_rates(self) -> None:
         """G's and D's learning rates for this step: `lr_factor` of the configured ones. A pure
         function of the step, so a resumed run continues the same schedule."""
-        total = self.steps_per_epoch * max(1, int(self.cfg.TRAIN.MAX_EPOCH))
-        f = lr_factor(self.step, total, float(self.cfg.TRAIN.LR_DECAY_START))
+        f = lr_factor(self.step, self.total_steps, float(self.cfg.TRAIN.LR_DECAY_START))
         for opt, lr in [(self.optG, self.cfg.TRAIN.GENERATOR_LR),
                         *((d, self.cfg.TRAIN.DISCRIMINATOR_LR) for d in self.optDs)]:
             for group in opt.param_groups:

@@ -312,6 +312,17 @@ def matching_aware_gp(real_cond: Tensor, images: Tensor, sent: Tensor,
     return flat.pow(2).sum(1).sqrt().pow(power).mean()
 
 
+def mode_seeking_loss(images: Tensor, redrawn: Tensor, z: Tensor, z_redrawn: Tensor,
+                      eps: float = 1e-5) -> Tensor:
+    """MSGAN's mode-seeking term (Mao et al., CVPR 2019): 1 / (d_img / d_z + eps), where d_img
+    is the mean absolute difference between images drawn from the same captions with noises
+    `z` and `z_redrawn`, d_z that of the noises. Minimising it makes G's images depend on
+    its noise, so that it draws the modes a caption leaves open (and does not drop one)."""
+    ratio = (images.float() - redrawn.float()).abs().mean() \
+        / (z.float() - z_redrawn.float()).abs().mean()
+    return 1.0 / (ratio + eps)
+
+
 def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) of conditioning augmentation, averaged over batch
     and dimensions (a mean, not a sum, as AttnGAN/DM-GAN's KL_loss)."""

@@ -17,6 +17,7 @@ from miscc.losses import (
     kl_loss,
     matching_aware_gp,
     minimal_pair_loss,
+    mode_seeking_loss,
     negative_loss,
     nt_xent,
     sent_loss,
@@ -541,6 +542,22 @@ def test_matching_aware_gp_equals_the_hand_computed_gradient_of_a_linear_d():
     logits = scale * ((images * a).sum((1, 2, 3)) + sent @ b)
     penalty = matching_aware_gp(logits, images, sent, 6.0)
     assert penalty.item() == pytest.approx(norm.item() ** 6 * (1 + 2**6) / 2, rel=1e-6)
+
+
+def test_mode_seeking_loss_is_the_inverse_image_to_noise_distance_ratio():
+    """MSGAN: 1 / (mean|a - b| / mean|z - z'| + 1e-5); two images that differ more for the same
+    noise distance cost less, and identical images cost 1e5 (a G that ignores its noise)."""
+    a = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, -1.0]])  # mean |a - b| = (1 + 0 + 2 + 0) / 4 = 0.75
+    z = torch.tensor([[0.0, 0.0, 3.0]])
+    z2 = torch.tensor([[1.0, -2.0, 3.0]])  # mean |z - z2| = 1
+    assert mode_seeking_loss(a, b, z, z2).item() == pytest.approx(1 / (0.75 + 1e-5))
+    assert mode_seeking_loss(a, 2 * b, z, z2).item() < mode_seeking_loss(a, b, z, z2).item()
+    assert mode_seeking_loss(a, a, z, z2).item() == pytest.approx(1e5)
+    assert mode_seeking_loss(a, b, z, 2 * z2 - z).item() == pytest.approx(1 / (0.375 + 1e-5))
+    x = a.clone().requires_grad_()
+    mode_seeking_loss(x, b, z, z2).backward()  # descent moves a away from b
+    assert (-x.grad * (a - b)).sum() > 0
 
 
 def test_negative_loss_scores_augmented_reals_as_fakes():

@@ -270,6 +270,70 @@ def test_blurred_reals_are_d_negatives_of_their_captions(gan_cfg, monkeypatch) -
                        progress=False)
 
 
+def test_text_ramp_lets_the_adversarial_terms_train_alone_first(gan_cfg) -> None:
+    """TRAIN.TEXT_RAMP r: G's DAMSM, contrastive and one-edit terms are weighted by step/(r·T),
+    capped at 1 (T = MAX_EPOCH epochs of steps); adversarial and KL terms always count fully."""
+    f = trainer_mod.text_terms_factor
+    assert [f(s, 100, 0.2) for s in (0, 5, 10, 20, 99)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert f(0, 100, 0.0) == 1.0
+    trainer = GANTrainer(gan_cfg("TRAIN.TEXT_RAMP=0.5", "TRAIN.G_MINIMAL_PAIR_WEIGHT=0.5",
+                                 "TEXT.WORD_LISTS=shapes"), CPU, progress=False)
+    batch = next(iter(trainer.loader))
+    lam = float(trainer.cfg.TRAIN.SMOOTH.LAMBDA)
+
+    def text_part(st: dict) -> float:
+        return (lam * (st["DAMSM_words"] + st["DAMSM_sent"]) + st["contrastive"]
+                + 0.5 * st["G_pairs"])
+
+    first = trainer.train_step(batch)  # step 0: text terms weighted 0
+    assert text_part(first) > 0
+    assert first["G"] == pytest.approx(first["G_adv"] + first["KL"], rel=1e-5)
+    trainer.step = max(1, trainer.total_steps // 4)  # on the way up the ramp
+    w = trainer.step / (0.5 * trainer.total_steps)
+    assert 0 < w < 1
+    mid = trainer.train_step(batch)
+    assert mid["G"] == pytest.approx(mid["G_adv"] + mid["KL"] + w * text_part(mid), rel=1e-4)
+    with pytest.raises(ConfigError, match="TRAIN.TEXT_RAMP"):
+        GANTrainer(gan_cfg("TRAIN.TEXT_RAMP=1.5"), CPU, progress=False)
+
+
+def test_mode_seeking_redraws_a_share_of_the_batch_with_fresh_noise(gan_cfg) -> None:
+    """TRAIN.MODE_SEEKING_WEIGHT w, SHARE s: G draws the batch's 2B rows and again the first
+    m = round(s·B) rows' captions (same sentence, words, mask and condition noise) with fresh z,
+    in one pass; the discriminators see only the 2B fakes; G's loss adds w · MSGAN's term
+    between the m images and their redraws (logged as G_mode_seeking)."""
+    w = 0.5
+    trainer = GANTrainer(gan_cfg(f"TRAIN.MODE_SEEKING_WEIGHT={w}", "TRAIN.MODE_SEEKING_SHARE=0.5"),
+                         CPU, progress=False)
+    calls, seen = [], []
+    trainer.netG.register_forward_hook(lambda m, a, out: calls.append((a, out)))
+    for d in trainer.netDs:
+        d.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    batch = next(iter(trainer.loader))
+    stats = trainer.train_step(batch)
+    b = batch["imgs"][0].shape[0]
+    m = round(0.5 * b)
+    (z, sent, words, mask, eps), (images, _, _) = calls[0]
+    assert len(calls) == 1 and z.shape[0] == 2 * b + m
+    for t in (sent, words, mask, eps):
+        assert torch.equal(t[2 * b:], t[:m])
+    assert not torch.equal(z[2 * b:], z[:m])
+    assert set(seen) == {b, 2 * b}  # real with matched/wrong, fakes: never the redraws
+    expected = trainer_mod.mode_seeking_loss(images[-1][:m], images[-1][2 * b:], z[:m],
+                                             z[2 * b:])
+    assert stats["G_mode_seeking"] == pytest.approx(expected.item(), rel=1e-5)
+    lam = float(trainer.cfg.TRAIN.SMOOTH.LAMBDA)
+    rest = (stats["G_adv"] + lam * (stats["DAMSM_words"] + stats["DAMSM_sent"]) + stats["KL"]
+            + stats["contrastive"]
+            + float(trainer.cfg.TRAIN.G_MINIMAL_PAIR_WEIGHT) * stats.get("G_pairs", 0.0))
+    assert stats["G"] == pytest.approx(rest + w * stats["G_mode_seeking"], rel=1e-4)
+    assert "G_mode_seeking" not in GANTrainer(gan_cfg(), CPU, progress=False).train_step(batch)
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="TRAIN.MODE_SEEKING_SHARE"):
+            GANTrainer(gan_cfg("TRAIN.MODE_SEEKING_WEIGHT=1", f"TRAIN.MODE_SEEKING_SHARE={bad}"),
+                       CPU, progress=False)
+
+
 def test_minimal_pairs_reach_d_and_g(gan_cfg, monkeypatch) -> None:
     """TRAIN.D_MINIMAL_PAIRS 1: every mismatched sentence D sees is the frozen text tower's code
     of a one-edit variant of that row's own caption (seed SEED + n·C + c), with the real image;
