@@ -303,8 +303,8 @@ def test_mode_seeking_redraws_a_share_of_the_batch_with_fresh_noise(gan_cfg) -> 
     in one pass; the discriminators see only the 2B fakes; G's loss adds w · MSGAN's term
     between the m images and their redraws (logged as G_mode_seeking)."""
     w = 0.5
-    trainer = GANTrainer(gan_cfg(f"TRAIN.MODE_SEEKING_WEIGHT={w}", "TRAIN.MODE_SEEKING_SHARE=0.5"),
-                         CPU, progress=False)
+    trainer = GANTrainer(gan_cfg(f"TRAIN.MODE_SEEKING_WEIGHT={w}", "TRAIN.MODE_SEEKING_SHARE=0.5",
+                                 "TRAIN.TEXT_RAMP=0"), CPU, progress=False)
     calls, seen = [], []
     trainer.netG.register_forward_hook(lambda m, a, out: calls.append((a, out)))
     for d in trainer.netDs:
@@ -343,7 +343,7 @@ def test_minimal_pairs_reach_d_and_g(gan_cfg, monkeypatch) -> None:
     from miscc.minimal_pairs import load_word_lists, one_edit_negatives
 
     w, k = 0.7, 3
-    cfg = gan_cfg("TEXT.WORD_LISTS=shapes", "TRAIN.D_MINIMAL_PAIRS=1.0",
+    cfg = gan_cfg("TEXT.WORD_LISTS=shapes", "TRAIN.D_MINIMAL_PAIRS=1.0", "TRAIN.TEXT_RAMP=0",
                   f"TRAIN.G_MINIMAL_PAIR_WEIGHT={w}", f"TRAIN.MINIMAL_PAIR_EDITS={k}")
     trainer = GANTrainer(cfg, CPU, progress=False)
     calls: list = []
