@@ -115,7 +115,8 @@ def test_step_wiring_as_dmgan_cl(gan_cfg, monkeypatch) -> None:
     lam, weight = 2.0, 0.3
     trainer = GANTrainer(gan_cfg(f"TRAIN.SMOOTH.LAMBDA={lam}",
                                  f"TRAIN.CONTRASTIVE_WEIGHT={weight}",
-                                 "TRAIN.G_MINIMAL_PAIR_WEIGHT=0"), CPU, progress=False)
+                                 "TRAIN.G_MINIMAL_PAIR_WEIGHT=0", "TRAIN.TEXT_RAMP=0",
+                                 "TRAIN.D_MINIMAL_PAIRS=0"), CPU, progress=False)
     calls: dict[str, list] = {}
 
     def record(name):
