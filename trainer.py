@@ -310,17 +310,14 @@ class GANTrainer(EpochTrainer):
         eps = torch.randn(2 * b, self.arch["CONDITION_DIM"], generator=noise).to(dev)
         ms_weight = float(cfg.TRAIN.MODE_SEEKING_WEIGHT)
         m = max(1, round(float(cfg.TRAIN.MODE_SEEKING_SHARE) * b)) if ms_weight > 0 else 0
-        if m:  # the first m captions again with fresh noise, in the same pass (one BN batch)
-            z_ms = torch.randn(m, self.arch["Z_DIM"], generator=noise).to(dev)
-            inputs = (torch.cat([z, z_ms]),
-                      *(torch.cat([t, t[:m]]) for t in (sent, words, mask, eps)))
-            with self._autocast():
-                drawn, mu, logvar = self.netG(*inputs)
-            fakes, redrawn = [f[:2 * b] for f in drawn], drawn[-1][2 * b:]
-            mu, logvar = mu[:2 * b], logvar[:2 * b]
-        else:
-            with self._autocast():
-                fakes, mu, logvar = self.netG(z, sent, words, mask, eps)
+        # the first m captions again with fresh noise (mode seeking), in the same pass (one BN
+        # batch); with m = 0 the pass is the 2B rows alone
+        z_ms = torch.randn(m, self.arch["Z_DIM"], generator=noise).to(dev) if m else z[:0]
+        inputs = (torch.cat([z, z_ms]), *(torch.cat([t, t[:m]]) for t in (sent, words, mask, eps)))
+        with self._autocast():
+            drawn, mu, logvar = self.netG(*inputs)
+        fakes, redrawn = [f[:2 * b] for f in drawn], drawn[-1][2 * b:]
+        mu, logvar = mu[:2 * b], logvar[:2 * b]
         wrong = torch.cat([sent[h].roll(1, dims=0) for h in halves])  # another image's caption
         if self.edits is not None:
             cap = batch["cap_idx"]
