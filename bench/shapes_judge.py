@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> None:
         pred, features = split_reading(read_pictures(judge, x))
         fd = frechet_entry(features, real_features)["generated"]
         rows[f"{p} ({len(y)} images)"] = {**score(pred, y, index), "FD": fd}
-        tables[p] = confusion_lines(pred, y, index)
+        if args.confusion:
+            tables[p] = confusion_lines(pred, y, index)
     columns = [*ATTRIBUTES, "shape+colour"]
     width = max(len(r) for r in rows)
     print(f"{'accuracy %':<{width}}  " + "  ".join(f"{c:>12}" for c in columns)
@@ -163,10 +164,9 @@ def run(args: argparse.Namespace) -> None:
     for name, row in list(rows.items())[3:]:
         print(f"{name}: shape {row['shape'] / floor['shape']:.1f}x chance, colour "
               f"{row['colour'] / floor['colour']:.1f}x chance")
-    if args.confusion:
-        for p, lines in tables.items():
-            print(f"\n{p}: what the judge reads for each value a caption names")
-            print("\n".join(lines))
+    for p, lines in tables.items():
+        print(f"\n{p}: what the judge reads for each value a caption names")
+        print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,14 +126,14 @@ def default_config() -> EasyDict:
                 "D_BLUR_SIGMA": [1.0, 2.0],
                 "G_MINIMAL_PAIR_WEIGHT": 0.0,
                 "MINIMAL_PAIR_EDITS": 4,
-                # MSGAN's mode-seeking term for G (docs/DESIGN.md §8): a share MODE_SEEKING_SHARE
-                # of each batch's first captions is drawn again with fresh noise, and G adds
-                # MODE_SEEKING_WEIGHT / (mean|image - redrawn| / mean|z - z'| + 1e-5) (0 = off,
-                # as released)
                 # G's text-matching terms (DAMSM, contrastive, one-edit) rise linearly from 0
                 # to their weights over the first TEXT_RAMP of the training (0 = from the
                 # first step, as released); the adversarial and KL terms are never ramped
                 "TEXT_RAMP": 0.0,
+                # MSGAN's mode-seeking term for G (docs/DESIGN.md §8): a share MODE_SEEKING_SHARE
+                # of each batch's first captions is drawn again with fresh noise, and G adds
+                # MODE_SEEKING_WEIGHT / (mean|image - redrawn| / mean|z - z'| + 1e-5) (0 = off,
+                # as released)
                 "MODE_SEEKING_WEIGHT": 0.0,
                 "MODE_SEEKING_SHARE": 0.25,
                 "TEXT_CACHE": True,  # stage 2: read the frozen text tower's features from a
