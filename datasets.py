@@ -442,12 +442,17 @@ class TextImageDataset(CroppedImages):
     `picture_attributes` when the caption names any, cropped/mirrored like its view; S = the
     largest size) and neg_img_mask [2, M];
     `redraw_pairs` adds the item's redrawn partner (`_redraw_pair`).
+
+    Contradicting pictures (stage 2's discriminators, the shapes set only; any `views`): with
+    `contradicting` attributes, each item also gets the picture redrawn with one of them that
+    one of its two captions names changed (`_contradicting_picture`).
     """
 
     def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
                  views: int = 1, train: bool = True, use_cache: bool = True,
                  word_lists=None, negatives: int = 0, negative_pictures: int = 0,
-                 redraw_pairs: bool = False, picture_attributes: tuple[str, ...] = ()) -> None:
+                 redraw_pairs: bool = False, picture_attributes: tuple[str, ...] = (),
+                 contradicting: tuple[str, ...] = ()) -> None:
         self.info = read_split(cfg, split)
         super().__init__(self.info.keys, self.info.image_paths, self.info.boxes, split, sizes,
                          views, train, bool(cfg.TRAIN.FLIP),
@@ -494,23 +499,45 @@ class TextImageDataset(CroppedImages):
                                 "the shapes renderer: they need DATASET_NAME shapes and "
                                 "TEXT.WORD_LISTS shapes (categories shape, colour, size, "
                                 "position, background)")
-            self._check_rendered(cfg)
+            self._check_rendered(cfg, self.word_lists, "TRAIN.NEGATIVE_PICTURES / "
+                                 "TRAIN.REDRAW_PAIRS", "TRAIN.NEGATIVE_PICTURES: 0 and "
+                                 "TRAIN.REDRAW_PAIRS: false")
+        self.contradicting = tuple(contradicting)
+        if self.contradicting:
+            self._setup_contradicting(cfg)
 
-    def _check_rendered(self, cfg) -> None:
+    def _setup_contradicting(self, cfg) -> None:
+        """Check the attributes and the data for contradicting pictures; load the shapes word
+        lists that say which attributes a caption names."""
+        from miscc.minimal_pairs import load_word_lists
+
+        key = "TRAIN.D_NEGATIVE_PICTURE_ATTRIBUTES"
+        unknown = set(self.contradicting) - set(PICTURE_EDITS)
+        if unknown:
+            raise DataError(f"{key}: {sorted(unknown)} are not shapes attributes; expected a "
+                            f"list drawn from {list(PICTURE_EDITS)}")
+        if str(cfg.DATASET_NAME) != "shapes":
+            raise DataError(f"TRAIN.D_NEGATIVE_PICTURES redraws pictures with the shapes "
+                            f"renderer: it needs DATASET_NAME shapes, not {cfg.DATASET_NAME!r}; "
+                            "set it to 0 for this data")
+        self.picture_lists = load_word_lists("shapes")
+        self._check_rendered(cfg, self.picture_lists, "TRAIN.D_NEGATIVE_PICTURES",
+                             "TRAIN.D_NEGATIVE_PICTURES: 0")
+
+    def _check_rendered(self, cfg, lists, keys: str, off: str) -> None:
         """Redrawn pictures need pictures the shapes renderer made: every first caption names
         all five attributes (a DataError naming the key and the folder otherwise, before any
         data-loader worker starts)."""
         for key, captions in zip(self.keys, self.info.captions, strict=True):
-            named = self.word_lists.named(captions[0]) if captions else {}
+            named = lists.named(captions[0]) if captions else {}
             missing = [a for a in SHAPE_ATTRIBUTES if len(named.get(a, ())) != 1]
             if missing:
                 first = captions[0] if captions else ""
                 raise DataError(
-                    f"TRAIN.NEGATIVE_PICTURES / TRAIN.REDRAW_PAIRS redraw pictures with the shapes "
-                    f"renderer, but {cfg.DATA_DIR} was not made by `prepare_data.py shapes`: the "
-                    f"first caption of {key} ({first!r}) does not name exactly one "
-                    f"{', '.join(missing)}; set TRAIN.NEGATIVE_PICTURES: 0 and "
-                    "TRAIN.REDRAW_PAIRS: false for this data")
+                    f"{keys} redraw pictures with the shapes renderer, but {cfg.DATA_DIR} was "
+                    f"not made by `prepare_data.py shapes`: the first caption of {key} "
+                    f"({first!r}) does not name exactly one {', '.join(missing)}; set {off} "
+                    "for this data")
 
     def _caption_pair(self, index: int) -> torch.Tensor:
         n = int(self.num_captions[index])
@@ -529,7 +556,7 @@ class TextImageDataset(CroppedImages):
         return self._token_memo[caption]
 
     def __getitem__(self, index: int) -> dict:
-        if self.word_lists is None:
+        if self.word_lists is None and not self.contradicting:
             index, imgs = self.views_of(index)
             params = None
         else:
@@ -547,9 +574,38 @@ class TextImageDataset(CroppedImages):
             "key": self.keys[index],
             "index": index,
         }
-        if params is not None:
+        if self.word_lists is not None:
             item.update(self._minimal_pairs(index, cap_idx, params, changed))
+        if self.contradicting:
+            item.update(self._contradicting_picture(index, cap_idx, params[0]))
         return item
+
+    def _contradicting_picture(self, index: int, cap_idx: torch.Tensor, view: tuple) -> dict:
+        """A picture its caption does not describe, for D (TRAIN.D_NEGATIVE_PICTURES): one of
+        the item's two captions (at random among those naming a `contradicting` attribute) and
+        the picture redrawn with one such attribute changed, everything else kept, in the
+        item's first view at every scale. contra_imgs (a list over sizes of [3, s, s]),
+        contra_cap (0 or 1: the caption it contradicts), contra_mask (False when neither
+        caption names such an attribute: the picture is then the item's own)."""
+        lists = self.picture_lists
+        truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
+        options = []
+        for j, c in enumerate(cap_idx.tolist()):
+            named = lists.named(self.info.captions[index][c])
+            if "shape" in named:
+                named["outline"] = []  # a caption naming the shape is contradicted by a blob
+            wanted = {a: v for a, v in named.items() if a in self.contradicting}
+            if wanted:
+                options.append((j, wanted))
+        attrs, j = None, 0
+        if options:
+            j, wanted = options[int(torch.randint(0, len(options), ()))]
+            edits = _picture_edits(truth, wanted, 1, int(torch.randint(0, 2**31 - 1, ())))
+            attrs = edits[0] if edits else None
+        pixels = self._redraw(attrs) if attrs is not None else self._redraw(truth)
+        chw = torch.from_numpy(pixels).permute(2, 0, 1)
+        return {"contra_imgs": self._apply_view(chw, *view),
+                "contra_cap": torch.tensor(j), "contra_mask": torch.tensor(attrs is not None)}
 
     def _redraw_choice(self, index: int) -> tuple[str, torch.Tensor]:
         """(attribute the partner changes, the two captions): the attribute uniform over

@@ -102,7 +102,25 @@ def minimal_pair_wrong(wrong: torch.Tensor, edits: torch.Tensor, mask: torch.Ten
     return torch.where(take[:, None], picked, wrong)
 
 
-# ---------------------------------------------------------- negative augmentation (blurs)
+# ---------------------------------------------------------- negative augmentation
+def contradicting_attributes(cfg) -> tuple[str, ...]:
+    """The attributes D's contradicting pictures change (TRAIN.D_NEGATIVE_PICTURE_ATTRIBUTES),
+    or () when TRAIN.D_NEGATIVE_PICTURES is off."""
+    weight = float(cfg.TRAIN.D_NEGATIVE_PICTURES)
+    if weight < 0:
+        raise ConfigError(f"TRAIN.D_NEGATIVE_PICTURES is {weight}: expected a weight >= 0 "
+                          "(0 = off)")
+    if weight == 0:
+        return ()
+    names = tuple(a.strip() for a in str(cfg.TRAIN.D_NEGATIVE_PICTURE_ATTRIBUTES).split(",")
+                  if a.strip())
+    if not names:
+        raise ConfigError("TRAIN.D_NEGATIVE_PICTURE_ATTRIBUTES is empty: expected attributes "
+                          "to change, e.g. shape,size")
+    return names
+
+
+
 def gaussian_blurs(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Each image [B, C, H, W] blurred by a Gaussian of its own sigma [B] (pixels; separable,
     reflect-padded, kernel radius 3·max sigma)."""
@@ -151,7 +169,8 @@ class GANTrainer(EpochTrainer):
         self.encoder = load_frozen_encoder(cfg, device)
         tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
         self.dataset = TextImageDataset(cfg, "train", tokenizer, image_sizes(cfg), views=1,
-                                        train=True, use_cache=bool(cfg.TRAIN.USE_CACHE))
+                                        train=True, use_cache=bool(cfg.TRAIN.USE_CACHE),
+                                        contradicting=contradicting_attributes(cfg))
         self.sampler, self.loader = seeded_train_loader(self.dataset, self.batch, cfg, device,
                                                         rank, world)
         self.text = (text_feature_cache(cfg, "train", self.dataset.tokens, self.encoder, device,
@@ -336,6 +355,12 @@ class GANTrainer(EpochTrainer):
             sigma = low + (high - low) * torch.rand(b, generator=noise)
             biggest = reals[-1].shape[-1]
             blurred = [gaussian_blurs(x, sigma * x.shape[-1] / biggest) for x in reals]
+        contra_weight = float(cfg.TRAIN.D_NEGATIVE_PICTURES)
+        if contra_weight > 0:  # the caption each contradicting picture was made against
+            contra = [x.to(dev, non_blocking=True, memory_format=self.memory_format)
+                      for x in batch["contra_imgs"]]
+            contra_rows = batch["contra_cap"].to(dev) * b + torch.arange(b, device=dev)
+            contra_keep = batch["contra_mask"].to(dev)
         d_losses, penalties = [], []
         for i, netD in enumerate(self.netDs):
             real, matched, first = reals[i], sent, None
@@ -353,6 +378,13 @@ class GANTrainer(EpochTrainer):
                                             float(cfg.TRAIN.MAGP_POWER))
                 loss = loss + magp * penalty
                 penalties.append(penalty)
+            if contra_weight > 0:  # pictures a caption does not describe, with that caption
+                with self._autocast():
+                    _, cc, _ = netD(contra[i], sent[contra_rows])
+                    contra_loss = (negative_loss([cc[contra_keep]], kind) if contra_keep.any()
+                                   else cc.sum() * 0)
+                loss = loss + contra_weight * contra_loss
+                values[f"D{i}_pictures"] = contra_loss
             if blur_weight > 0:  # the real images blurred: fakes to D, with their captions
                 with self._autocast():
                     bu, bc, _ = netD(blurred[i], sent)

@@ -124,6 +124,12 @@ def default_config() -> EasyDict:
                 # as a fake with its captions, weight D_BLUR_WEIGHT (0 = off, as released)
                 "D_BLUR_WEIGHT": 0.0,
                 "D_BLUR_SIGMA": [1.0, 2.0],
+                # contradicting pictures for D (shapes set only; docs/DESIGN.md §8): each real
+                # picture redrawn with one of D_NEGATIVE_PICTURE_ATTRIBUTES that one of its
+                # captions names changed, scored with that caption as a mismatched pair by the
+                # conditional logits, weight D_NEGATIVE_PICTURES (0 = off, as released)
+                "D_NEGATIVE_PICTURES": 0.0,
+                "D_NEGATIVE_PICTURE_ATTRIBUTES": "shape,size",
                 "G_MINIMAL_PAIR_WEIGHT": 0.0,
                 "MINIMAL_PAIR_EDITS": 4,
                 # G's text-matching terms (DAMSM, contrastive, one-edit) rise linearly from 0

@@ -271,6 +271,41 @@ def test_blurred_reals_are_d_negatives_of_their_captions(gan_cfg, monkeypatch) -
                        progress=False)
 
 
+def test_contradicting_pictures_are_mismatched_pairs_of_their_captions(gan_cfg) -> None:
+    """TRAIN.D_NEGATIVE_PICTURES w: each D also scores the batch's contradicting pictures with
+    the caption each contradicts (a row of the step's sentences) on its conditional logit, as a
+    mismatch: D's loss = the DM-GAN terms + w · mean BCE(logit, 0) (logged as D<i>_pictures)."""
+    from miscc.losses import discriminator_loss, negative_loss
+
+    trainer = GANTrainer(gan_cfg("TRAIN.D_NEGATIVE_PICTURES=0.5"), CPU, progress=False)
+    calls = []
+    for d in trainer.netDs:
+        d.register_forward_hook(lambda m, a, o: calls.append((a, o)))
+    batch = next(iter(trainer.loader))
+    assert batch["contra_mask"].all()  # every shapes caption names the shape
+    batch["contra_mask"][0] = False  # a row without a contradicting picture is left out
+    batch["contra_cap"][1:3] = torch.tensor([0, 1])  # pictures against either caption
+    stats = trainer.train_step(batch)
+    b = batch["imgs"][0].shape[0]
+    halves = (slice(0, b), slice(b, 2 * b))
+    keep = batch["contra_mask"]
+    for i in range(len(trainer.netDs)):
+        (real_args, (ru, rc, wc)), (_, (fu, fc, _)), (args, (_, cc, _)) = calls[3 * i: 3 * i + 3]
+        images, sent = args[:2]
+        assert torch.equal(images, batch["contra_imgs"][i])
+        rows = batch["contra_cap"] * b + torch.arange(b)
+        assert torch.equal(sent, real_args[1][rows])
+        pictures = negative_loss([cc[keep]]).detach()
+        assert stats[f"D{i}_pictures"] == pytest.approx(float(pictures), rel=1e-5)
+        rest = sum(discriminator_loss(ru, rc[h], fu[h], fc[h], wc[h]) for h in halves).detach()
+        assert stats[f"D{i}"] == pytest.approx(float(rest + 0.5 * pictures), rel=1e-5)
+    plain = GANTrainer(gan_cfg(), CPU, progress=False)
+    assert "contra_imgs" not in next(iter(plain.loader))
+    assert not any(k.endswith("_pictures") for k in plain.train_step(batch))
+    with pytest.raises(ConfigError, match="TRAIN.D_NEGATIVE_PICTURES"):
+        GANTrainer(gan_cfg("TRAIN.D_NEGATIVE_PICTURES=-1"), CPU, progress=False)
+
+
 def test_text_ramp_lets_the_adversarial_terms_train_alone_first(gan_cfg) -> None:
     """TRAIN.TEXT_RAMP r: G's DAMSM, contrastive and one-edit terms are weighted by step/(r·T),
     capped at 1 (T = MAX_EPOCH epochs of steps); adversarial and KL terms always count fully."""
