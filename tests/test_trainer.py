@@ -116,7 +116,8 @@ def test_step_wiring_as_dmgan_cl(gan_cfg, monkeypatch) -> None:
     trainer = GANTrainer(gan_cfg(f"TRAIN.SMOOTH.LAMBDA={lam}",
                                  f"TRAIN.CONTRASTIVE_WEIGHT={weight}",
                                  "TRAIN.G_MINIMAL_PAIR_WEIGHT=0", "TRAIN.TEXT_RAMP=0",
-                                 "TRAIN.D_MINIMAL_PAIRS=0"), CPU, progress=False)
+                                 "TRAIN.D_MINIMAL_PAIRS=0", "TRAIN.D_NEGATIVE_PICTURES=0"),
+                         CPU, progress=False)
     calls: dict[str, list] = {}
 
     def record(name):
@@ -243,8 +244,8 @@ def test_blurred_reals_are_d_negatives_of_their_captions(gan_cfg, monkeypatch) -
                        for i in range(3)])
     assert torch.allclose(trainer_mod.gaussian_blurs(x, sigma), ref, atol=1e-5)
 
-    trainer = GANTrainer(gan_cfg("TRAIN.D_BLUR_WEIGHT=0.5", "TRAIN.D_BLUR_SIGMA=[1.0,2.0]"),
-                         CPU, progress=False)
+    trainer = GANTrainer(gan_cfg("TRAIN.D_BLUR_WEIGHT=0.5", "TRAIN.D_BLUR_SIGMA=[1.0,2.0]",
+                                 "TRAIN.D_NEGATIVE_PICTURES=0"), CPU, progress=False)
     seen, blurs = [], []
     for d in trainer.netDs:
         d.register_forward_pre_hook(lambda m, a: seen.append(a))
@@ -263,7 +264,7 @@ def test_blurred_reals_are_d_negatives_of_their_captions(gan_cfg, monkeypatch) -
         assert torch.equal(images, real_blur(batch["imgs"][i][:, 0], blurs[i][1]))
         assert sent.shape[0] == 2 * b
         assert stats[f"D{i}_blur"] > 0
-    plain = GANTrainer(gan_cfg(), CPU, progress=False)
+    plain = GANTrainer(gan_cfg("TRAIN.D_NEGATIVE_PICTURES=0"), CPU, progress=False)
     assert not any(k.endswith("_blur") for k in plain.train_step(batch))
     for bad in ("[2.0, 1.0]", "[1.0]", "[0, 1]"):
         with pytest.raises(ConfigError, match="TRAIN.D_BLUR_SIGMA"):
@@ -299,7 +300,7 @@ def test_contradicting_pictures_are_mismatched_pairs_of_their_captions(gan_cfg) 
         assert stats[f"D{i}_pictures"] == pytest.approx(float(pictures), rel=1e-5)
         rest = sum(discriminator_loss(ru, rc[h], fu[h], fc[h], wc[h]) for h in halves).detach()
         assert stats[f"D{i}"] == pytest.approx(float(rest + 0.5 * pictures), rel=1e-5)
-    plain = GANTrainer(gan_cfg(), CPU, progress=False)
+    plain = GANTrainer(gan_cfg("TRAIN.D_NEGATIVE_PICTURES=0"), CPU, progress=False)
     assert "contra_imgs" not in next(iter(plain.loader))
     assert not any(k.endswith("_pictures") for k in plain.train_step(batch))
     with pytest.raises(ConfigError, match="TRAIN.D_NEGATIVE_PICTURES"):
@@ -380,7 +381,8 @@ def test_minimal_pairs_reach_d_and_g(gan_cfg, monkeypatch) -> None:
 
     w, k = 0.7, 3
     cfg = gan_cfg("TEXT.WORD_LISTS=shapes", "TRAIN.D_MINIMAL_PAIRS=1.0", "TRAIN.TEXT_RAMP=0",
-                  f"TRAIN.G_MINIMAL_PAIR_WEIGHT={w}", f"TRAIN.MINIMAL_PAIR_EDITS={k}")
+                  f"TRAIN.G_MINIMAL_PAIR_WEIGHT={w}", f"TRAIN.MINIMAL_PAIR_EDITS={k}",
+                  "TRAIN.D_NEGATIVE_PICTURES=0")
     trainer = GANTrainer(cfg, CPU, progress=False)
     calls: list = []
     real_loss = trainer_mod.minimal_pair_loss
