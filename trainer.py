@@ -120,7 +120,6 @@ def contradicting_attributes(cfg) -> tuple[str, ...]:
     return names
 
 
-
 def gaussian_blurs(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Each image [B, C, H, W] blurred by a Gaussian of its own sigma [B] (pixels; separable,
     reflect-padded, kernel radius 3·max sigma)."""
