@@ -588,22 +588,16 @@ class TextImageDataset(CroppedImages):
         contra_cap (0 or 1: the caption it contradicts), contra_mask (False when neither
         caption names such an attribute: the picture is then the item's own)."""
         lists = self.picture_lists
-        truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
-        options = []
-        for j, c in enumerate(cap_idx.tolist()):
-            named = lists.named(self.info.captions[index][c])
-            if "shape" in named:
-                named["outline"] = []  # a caption naming the shape is contradicted by a blob
-            wanted = {a: v for a, v in named.items() if a in self.contradicting}
-            if wanted:
-                options.append((j, wanted))
+        truth = self._picture_truth(index, lists)
+        options = [(j, wanted) for j, c in enumerate(cap_idx.tolist())
+                   if (wanted := _editable(lists, self.info.captions[index][c],
+                                           self.contradicting)[1])]
         attrs, j = None, 0
         if options:
             j, wanted = options[int(torch.randint(0, len(options), ()))]
             edits = _picture_edits(truth, wanted, 1, int(torch.randint(0, 2**31 - 1, ())))
             attrs = edits[0] if edits else None
-        pixels = self._redraw(attrs) if attrs is not None else self._redraw(truth)
-        chw = torch.from_numpy(pixels).permute(2, 0, 1)
+        chw = torch.from_numpy(self._redraw(attrs or truth)).permute(2, 0, 1)
         return {"contra_imgs": self._apply_view(chw, *view),
                 "contra_cap": torch.tensor(j), "contra_mask": torch.tensor(attrs is not None)}
 
@@ -644,12 +638,9 @@ class TextImageDataset(CroppedImages):
             size = self.crop
             neg_imgs = torch.zeros(2, m, 3, size, size)
             neg_img_mask = torch.zeros(2, m, dtype=torch.bool)
-            truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
+            truth = self._picture_truth(index, lists)
             for v, caption in enumerate(captions):
-                named = lists.named(caption)
-                if "shape" in named and "outline" in self.picture_attributes:
-                    named["outline"] = []  # a caption naming the shape is contradicted by a blob
-                preferred = {a: v for a, v in named.items() if a in self.picture_attributes}
+                named, preferred = _editable(lists, caption, self.picture_attributes)
                 edits = _picture_edits(truth, preferred or named, m,
                                        int(torch.randint(0, 2**31 - 1, ())))
                 for j, attrs in enumerate(edits):
@@ -667,7 +658,7 @@ class TextImageDataset(CroppedImages):
         from miscc.minimal_pairs import with_value
 
         lists = self.word_lists
-        truth = {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
+        truth = self._picture_truth(index, lists)
         edits = _picture_edits(truth, {attribute: []}, 1, int(torch.randint(0, 2**31 - 1, ())))
         attrs = edits[0] if edits else truth
         changed = [a for a in truth if attrs[a] != truth[a]]
@@ -680,6 +671,11 @@ class TextImageDataset(CroppedImages):
         return {"redraw_imgs": torch.stack([self._apply_view(chw, *p)[-1] for p in params]),
                 "redraw_tokens": torch.stack([self._tokens_of(c) for c in captions]),
                 "redraw_class": torch.tensor(cls)}
+
+    def _picture_truth(self, index: int, lists) -> dict[str, str]:
+        """What picture `index` shows (attribute -> value), read off its first caption, which
+        names all five attributes (`_check_rendered`)."""
+        return {c: v[0] for c, v in lists.named(self.info.captions[index][0]).items()}
 
     def _redraw(self, attrs: dict[str, str]) -> np.ndarray:
         """A shapes picture with these attributes as the data set stores it (drawn at the
@@ -698,6 +694,17 @@ class TextImageDataset(CroppedImages):
                 self._drawn[key] = np.array(square_resize(img.convert("RGB"), self.load_size),
                                             dtype=np.uint8)
         return self._drawn[key]
+
+
+def _editable(lists, caption: str, attributes: tuple[str, ...]
+              ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(what `caption` names, the part of it in `attributes`): a redrawn picture may change a
+    named attribute; "outline" counts as named with the shape when it is in `attributes`
+    (a caption naming the shape is contradicted by a blob)."""
+    named = lists.named(caption)
+    if "shape" in named and "outline" in attributes:
+        named["outline"] = []
+    return named, {a: v for a, v in named.items() if a in attributes}
 
 
 def _picture_edits(truth: dict[str, str], named: dict[str, list[str]], m: int,

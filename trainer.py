@@ -360,6 +360,7 @@ class GANTrainer(EpochTrainer):
                       for x in batch["contra_imgs"]]
             contra_rows = batch["contra_cap"].to(dev) * b + torch.arange(b, device=dev)
             contra_keep = batch["contra_mask"].to(dev)
+            contra_any = bool(contra_keep.any())  # once per step, not per D
         d_losses, penalties = [], []
         for i, netD in enumerate(self.netDs):
             real, matched, first = reals[i], sent, None
@@ -380,7 +381,7 @@ class GANTrainer(EpochTrainer):
             if contra_weight > 0:  # pictures a caption does not describe, with that caption
                 with self._autocast():
                     _, cc, _ = netD(contra[i], sent[contra_rows])
-                    contra_loss = (negative_loss([cc[contra_keep]], kind) if contra_keep.any()
+                    contra_loss = (negative_loss([cc[contra_keep]], kind) if contra_any
                                    else cc.sum() * 0)
                 loss = loss + contra_weight * contra_loss
                 values[f"D{i}_pictures"] = contra_loss
