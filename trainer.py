@@ -174,6 +174,9 @@ class GANTrainer(EpochTrainer):
                                                         rank, world)
         self.text = (text_feature_cache(cfg, "train", self.dataset.tokens, self.encoder, device,
                                         self.progress) if cfg.TRAIN.TEXT_CACHE else None)
+        if int(cfg.TRAIN.EMA_BN_BATCHES) < 0:
+            raise ConfigError(f"TRAIN.EMA_BN_BATCHES is {cfg.TRAIN.EMA_BN_BATCHES}: expected a "
+                              "number of batches >= 0 (0 = the EMA keeps G's statistics)")
 
         self.edits = self._edit_features(tokenizer)
         self.arch = gan_arch(cfg, self.encoder.embed_dim)
@@ -262,8 +265,38 @@ class GANTrainer(EpochTrainer):
         if not self.main:
             return
         name = f"netG_step_{self.step}.pth" if self.in_epoch else f"netG_epoch_{self.epoch}.pth"
+        self.recompute_ema_statistics()
         atomic_torch_save(generator_checkpoint(self.ema), self.model_dir / name)
         self.write_state()
+
+    @torch.no_grad()
+    def recompute_ema_statistics(self) -> None:
+        """TRAIN.EMA_BN_BATCHES = n > 0: the EMA generator's batch-norm statistics become the
+        plain average of its own batch statistics over n batches of 2·BATCH_SIZE training
+        captions with seeded noise (BigGAN's standing statistics). Its averaged weights are
+        then evaluated with their own activations' statistics, not the current G's, which
+        `_update_ema` copies; training is unchanged (docs/DESIGN.md §8)."""
+        n = int(self.cfg.TRAIN.EMA_BN_BATCHES)
+        norms = [m for m in self.ema.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if n == 0 or not norms:
+            return
+        g = torch.Generator().manual_seed(int(self.cfg.SEED) + 7_777)  # the same draws every save
+        rows, momenta = 2 * self.batch, [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the passes below
+        self.ema.train()
+        for _ in range(n):
+            index = torch.randint(len(self.dataset), (rows,), generator=g)
+            cap = (torch.rand(rows, generator=g) * self.dataset.num_captions[index]).long()
+            words, sent, mask = self._caption_features(index, cap)
+            z = torch.randn(rows, self.arch["Z_DIM"], generator=g).to(self.device)
+            eps = torch.randn(rows, self.arch["CONDITION_DIM"], generator=g).to(self.device)
+            with self._autocast():
+                self.ema(z, sent, words, mask, eps)
+        self.ema.eval()
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
 
     def _warm_start(self, net_g: str) -> None:
         """A fresh run starts G (and its EMA) from the generator of TRAIN.NET_G; a resumed run
@@ -296,11 +329,15 @@ class GANTrainer(EpochTrainer):
     def _text(self, batch: dict) -> tuple:
         """Features of both captions of every image, stacked: first captions, then seconds."""
         cap = batch["cap_idx"]
+        return self._caption_features(batch["index"].repeat(2),
+                                      torch.cat([cap[:, 0], cap[:, 1]]))
+
+    def _caption_features(self, index: torch.Tensor, cap: torch.Tensor) -> tuple:
+        """(words, sent, mask) of caption `cap` of training item `index`, row by row."""
         if self.text is not None:
-            index = batch["index"].repeat(2)
-            w, s, m = self.text.lookup(index, torch.cat([cap[:, 0], cap[:, 1]]))
+            w, s, m = self.text.lookup(index, cap)
         else:  # the baseline: run the frozen text tower every step, in the cache's precision
-            tokens = torch.cat([batch["tokens"][:, 0], batch["tokens"][:, 1]]).to(self.device)
+            tokens = self.dataset.tokens[index, cap].to(self.device)
             with torch.no_grad(), inference_precision(self.cfg, self.device):
                 w, s, m = self.encoder.encode_text(tokens)
             w, s = w.float(), s.float()

@@ -65,6 +65,10 @@ def default_config() -> EasyDict:
                 "CONTRASTIVE_WEIGHT": 0.2,
                 "TEMPERATURE": 0.5,
                 "EMA_DECAY": 0.999,
+                # stage 2: >0 recomputes the EMA generator's batch-norm statistics over this
+                # many batches of training captions before each generator file is written
+                # (0 = the current G's statistics, as released; docs/DESIGN.md §8)
+                "EMA_BN_BATCHES": 0,
                 # preemption (docs/training-at-scale.md): a resume state at least this
                 # often (0 = only at epoch ends and snapshots), and the signals that make a
                 # run finish its step, save a resume state and exit with code 75

@@ -632,6 +632,54 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(gan_cfg, tmp_path,
     assert all(torch.isfinite(t).all() for t in weights(states[0]).values())
 
 
+def test_ema_statistics_are_recomputed_from_its_own_activations(gan_cfg, tmp_path) -> None:
+    """TRAIN.EMA_BN_BATCHES = 3: each batch norm of the saved EMA generator holds the mean of
+    its inputs' per-batch channel means and unbiased variances over 3 passes (read by hooks),
+    the same at every save; its weights and the training itself are those of the switch off."""
+    on = GANTrainer(gan_cfg("TRAIN.MAX_STEPS=3", "TRAIN.EMA_BN_BATCHES=3", out=tmp_path / "on"),
+                    CPU, progress=False)
+    norms = {n: m for n, m in on.ema.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert {type(m).__name__ for m in norms.values()} == {"BatchNorm1d", "BatchNorm2d"}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in norms}
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            if module.training:  # the recomputation's passes, not the eval-mode sample grids
+                seen[name].append(args[0].detach().float())
+        return hook
+
+    for name, m in norms.items():
+        m.register_forward_pre_hook(record(name))
+    on.train()  # one save: the stop at step 3
+    saved = load_checkpoint(tmp_path / "on" / "Model" / "netG_step_3.pth")["state_dict"]
+    for name, inputs in seen.items():
+        assert len(inputs) == 3 and inputs[0].shape[0] == 2 * 4  # 2·BATCH_SIZE captions
+        dims = [d for d in range(inputs[0].dim()) if d != 1]
+        mean = torch.stack([x.mean(dims) for x in inputs]).mean(0)
+        var = torch.stack([x.var(dims, correction=1) for x in inputs]).mean(0)
+        torch.testing.assert_close(saved[f"{name}.running_mean"], mean, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(saved[f"{name}.running_var"], var, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(saved[f"{name}.running_mean"],
+                                  on.netG.state_dict()[f"{name}.running_mean"])
+    on.recompute_ema_statistics()  # the next save writes the same statistics
+    assert_same_tensors(dict(on.ema.state_dict()), saved)
+    assert all(m.momentum == 0.1 and not m.training for m in norms.values())
+    off = GANTrainer(gan_cfg("TRAIN.MAX_STEPS=3", "TRAIN.EMA_BN_BATCHES=0", out=tmp_path / "off"),
+                     CPU, progress=False)
+    off.train()
+    off_saved = load_checkpoint(tmp_path / "off" / "Model" / "netG_step_3.pth")["state_dict"]
+    params = dict(off.ema.named_parameters())
+    assert_same_tensors({k: v for k, v in off_saved.items() if k in params},
+                        {k: v for k, v in saved.items() if k in params})
+    assert_same_tensors(load_checkpoint(tmp_path / "off" / "Model" / "state_step_3.pth")["netG"],
+                        load_checkpoint(tmp_path / "on" / "Model" / "state_step_3.pth")["netG"])
+    assert torch.equal(off_saved["init.fc.1.running_mean"],
+                       off.netG.state_dict()["init.fc.1.running_mean"])  # as released: G's
+    with pytest.raises(ConfigError, match="TRAIN.EMA_BN_BATCHES is -1"):
+        GANTrainer(gan_cfg("TRAIN.EMA_BN_BATCHES=-1", out=tmp_path / "bad"), CPU, progress=False)
+
+
 def test_fresh_starts_over(gan_cfg) -> None:
     GANTrainer(gan_cfg("TRAIN.MAX_STEPS=2"), CPU, progress=False).train()
     assert GANTrainer(gan_cfg("TRAIN.MAX_STEPS=2"), CPU, progress=False).step == 2
