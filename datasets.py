@@ -444,15 +444,15 @@ class TextImageDataset(CroppedImages):
     `redraw_pairs` adds the item's redrawn partner (`_redraw_pair`).
 
     Contradicting pictures (stage 2's discriminators, the shapes set only; any `views`): with
-    `contradicting` attributes, each item also gets the picture redrawn with one of them that
-    one of its two captions names changed (`_contradicting_picture`).
+    `contradicting` attributes, each item also gets `contradicting_count` pictures redrawn with
+    one of them that one of its two captions names changed (`_contradicting_picture`).
     """
 
     def __init__(self, cfg, split: str, tokenizer: CaptionTokenizer, sizes: list[int],
                  views: int = 1, train: bool = True, use_cache: bool = True,
                  word_lists=None, negatives: int = 0, negative_pictures: int = 0,
                  redraw_pairs: bool = False, picture_attributes: tuple[str, ...] = (),
-                 contradicting: tuple[str, ...] = ()) -> None:
+                 contradicting: tuple[str, ...] = (), contradicting_count: int = 1) -> None:
         self.info = read_split(cfg, split)
         super().__init__(self.info.keys, self.info.image_paths, self.info.boxes, split, sizes,
                          views, train, bool(cfg.TRAIN.FLIP),
@@ -503,6 +503,7 @@ class TextImageDataset(CroppedImages):
                                  "TRAIN.REDRAW_PAIRS", "TRAIN.NEGATIVE_PICTURES: 0 and "
                                  "TRAIN.REDRAW_PAIRS: false")
         self.contradicting = tuple(contradicting)
+        self.contradicting_count = int(contradicting_count)
         if self.contradicting:
             self._setup_contradicting(cfg)
 
@@ -581,25 +582,27 @@ class TextImageDataset(CroppedImages):
         return item
 
     def _contradicting_picture(self, index: int, cap_idx: torch.Tensor, view: tuple) -> dict:
-        """A picture its caption does not describe, for D (TRAIN.D_NEGATIVE_PICTURES): one of
-        the item's two captions (at random among those naming a `contradicting` attribute) and
-        the picture redrawn with one such attribute changed, everything else kept, in the
-        item's first view at every scale. contra_imgs (a list over sizes of [3, s, s]),
-        contra_cap (0 or 1: the caption it contradicts), contra_mask (False when neither
-        caption names such an attribute: the picture is then the item's own)."""
-        lists = self.picture_lists
+        """N = `contradicting_count` pictures its caption does not describe, for D
+        (TRAIN.D_NEGATIVE_PICTURES): one of the item's two captions (at random among those
+        naming a `contradicting` attribute) and the picture redrawn N times with one such
+        attribute changed, everything else kept (the attributes take turns, `_picture_edits`),
+        in the item's first view at every scale. contra_imgs (a list over sizes of
+        [N, 3, s, s]), contra_cap (0 or 1: the caption they contradict), contra_mask [N] (False
+        where the caption allows fewer edits: the picture is then the item's own)."""
+        lists, n = self.picture_lists, self.contradicting_count
         truth = self._picture_truth(index, lists)
         options = [(j, wanted) for j, c in enumerate(cap_idx.tolist())
                    if (wanted := _editable(lists, self.info.captions[index][c],
                                            self.contradicting)[1])]
-        attrs, j = None, 0
+        edits, j = [], 0
         if options:
             j, wanted = options[int(torch.randint(0, len(options), ()))]
-            edits = _picture_edits(truth, wanted, 1, int(torch.randint(0, 2**31 - 1, ())))
-            attrs = edits[0] if edits else None
-        chw = torch.from_numpy(self._redraw(attrs or truth)).permute(2, 0, 1)
-        return {"contra_imgs": self._apply_view(chw, *view),
-                "contra_cap": torch.tensor(j), "contra_mask": torch.tensor(attrs is not None)}
+            edits = _picture_edits(truth, wanted, n, int(torch.randint(0, 2**31 - 1, ())))
+        drawn = [self._apply_view(torch.from_numpy(self._redraw(attrs)).permute(2, 0, 1), *view)
+                 for attrs in edits + [truth] * (n - len(edits))]
+        return {"contra_imgs": [torch.stack(scale) for scale in zip(*drawn, strict=True)],
+                "contra_cap": torch.tensor(j),
+                "contra_mask": torch.arange(n) < len(edits)}
 
     def _redraw_choice(self, index: int) -> tuple[str, torch.Tensor]:
         """(attribute the partner changes, the two captions): the attribute uniform over

@@ -112,6 +112,10 @@ def contradicting_attributes(cfg) -> tuple[str, ...]:
                           "(0 = off)")
     if weight == 0:
         return ()
+    count = int(cfg.TRAIN.D_NEGATIVE_PICTURE_COUNT)
+    if count < 1:
+        raise ConfigError(f"TRAIN.D_NEGATIVE_PICTURE_COUNT is {count}: expected at least 1 "
+                          "picture per item")
     names = tuple(a.strip() for a in str(cfg.TRAIN.D_NEGATIVE_PICTURE_ATTRIBUTES).split(",")
                   if a.strip())
     if not names:
@@ -169,7 +173,8 @@ class GANTrainer(EpochTrainer):
         tokenizer = CaptionTokenizer(int(cfg.TEXT.WORDS_NUM))
         self.dataset = TextImageDataset(cfg, "train", tokenizer, image_sizes(cfg), views=1,
                                         train=True, use_cache=bool(cfg.TRAIN.USE_CACHE),
-                                        contradicting=contradicting_attributes(cfg))
+                                        contradicting=contradicting_attributes(cfg),
+                                        contradicting_count=int(cfg.TRAIN.D_NEGATIVE_PICTURE_COUNT))
         self.sampler, self.loader = seeded_train_loader(self.dataset, self.batch, cfg, device,
                                                         rank, world)
         self.text = (text_feature_cache(cfg, "train", self.dataset.tokens, self.encoder, device,
@@ -393,10 +398,13 @@ class GANTrainer(EpochTrainer):
             blurred = [gaussian_blurs(x, sigma * x.shape[-1] / biggest) for x in reals]
         contra_weight = float(cfg.TRAIN.D_NEGATIVE_PICTURES)
         if contra_weight > 0:  # the caption each contradicting picture was made against
-            contra = [x.to(dev, non_blocking=True, memory_format=self.memory_format)
+            # [B, N, 3, s, s] -> [B·N, 3, s, s], item by item; each row's sentence and mask alike
+            contra = [x.flatten(0, 1).to(dev, non_blocking=True, memory_format=self.memory_format)
                       for x in batch["contra_imgs"]]
-            contra_rows = batch["contra_cap"].to(dev) * b + torch.arange(b, device=dev)
-            contra_keep = batch["contra_mask"].to(dev)
+            n_pictures = batch["contra_mask"].shape[1]
+            contra_rows = (batch["contra_cap"].to(dev) * b + torch.arange(b, device=dev)
+                           ).repeat_interleave(n_pictures)
+            contra_keep = batch["contra_mask"].to(dev).flatten()
             contra_any = bool(contra_keep.any())  # once per step, not per D
         d_losses, penalties = [], []
         for i, netD in enumerate(self.netDs):

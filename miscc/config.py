@@ -134,6 +134,7 @@ def default_config() -> EasyDict:
                 # conditional logits, weight D_NEGATIVE_PICTURES (0 = off, as released)
                 "D_NEGATIVE_PICTURES": 0.0,
                 "D_NEGATIVE_PICTURE_ATTRIBUTES": "shape,size",
+                "D_NEGATIVE_PICTURE_COUNT": 1,  # pictures per item; the attributes take turns
                 "G_MINIMAL_PAIR_WEIGHT": 0.0,
                 "MINIMAL_PAIR_EDITS": 4,
                 # G's text-matching terms (DAMSM, contrastive, one-edit) rise linearly from 0

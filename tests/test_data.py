@@ -432,42 +432,64 @@ def test_negative_pictures_prefer_the_listed_attributes(shapes_cfg, tokenizer):
         minimal_pair_set(shapes_cfg, tokenizer, pictures=1, picture_attributes=("place",))
 
 
+@pytest.mark.parametrize("count", [1, 2])
 def test_contradicting_pictures_change_one_attribute_their_caption_names(shapes_cfg,
-                                                                          tokenizer):
-    """Stage 2's contradicting pictures (TRAIN.D_NEGATIVE_PICTURES): at every scale, the item's
-    picture redrawn with exactly one listed attribute changed, one that the caption it is paired
-    with (contra_cap) names, everything else kept; both scales are the same redraw."""
+                                                                          tokenizer, count):
+    """Stage 2's contradicting pictures (TRAIN.D_NEGATIVE_PICTURES): at every scale, each of the
+    item's `count` pictures is its picture redrawn with exactly one listed attribute changed,
+    one that the caption they are paired with (contra_cap) names, everything else kept; both
+    scales are the same redraw; an item's pictures change different attributes while the
+    caption names unused ones; a caption naming none gets masked copies of the picture."""
     from datasets import SHAPES, SIZES
 
     ds = TextImageDataset(shapes_cfg("TRAIN.RANDOM_CROP=False", "TRAIN.FLIP=False"), "train",
                           tokenizer, [16, 32], views=1, use_cache=False,
-                          contradicting=("shape", "size"))
+                          contradicting=("shape", "size"), contradicting_count=count)
     lists, values = ds.picture_lists, {"shape": SHAPES, "size": SIZES}
-    seen = set()
+    seen, pairs = set(), 0
     for index in range(len(ds)):
         torch.manual_seed(index)
         item = ds[index]
-        assert [tuple(x.shape) for x in item["contra_imgs"]] == [(3, 16, 16), (3, 32, 32)]
+        assert [tuple(x.shape) for x in item["contra_imgs"]] == [(count, 3, 16, 16),
+                                                                 (count, 3, 32, 32)]
         truth = {c: v[0] for c, v in lists.named(ds.info.captions[index][0]).items()}
         caption = ds.info.captions[index][int(item["cap_idx"][int(item["contra_cap"])])]
-        named = set(lists.named(caption))
-        assert bool(item["contra_mask"]) == bool(named & {"shape", "size"})
-        if not item["contra_mask"]:
-            continue
-        matches = []
-        for attribute in sorted(named & {"shape", "size"}):
-            for value in values[attribute]:
-                if value == truth[attribute]:
-                    continue
-                drawn = ds._apply_view(torch.from_numpy(ds._redraw({**truth, attribute: value}))
-                                       .permute(2, 0, 1), 0, 0, False)
-                if all(torch.equal(a, b) for a, b in zip(drawn, item["contra_imgs"],
-                                                         strict=True)):
-                    matches.append(attribute)
-        assert len(matches) == 1, (index, matches)
-        seen.add(matches[0])
-        assert (item["contra_imgs"][1] - item["imgs"][1][0]).abs().max() > 0.1
-    assert seen == {"shape", "size"}
+        named = set(lists.named(caption)) & {"shape", "size"}
+        assert item["contra_mask"].tolist() == [bool(named)] * count
+        changed = []
+        for k in range(count):
+            pictures = [x[k] for x in item["contra_imgs"]]
+            if not item["contra_mask"][k]:  # the item's own picture, left out by the mask
+                assert torch.equal(pictures[1], item["imgs"][1][0])
+                continue
+            matches = []
+            for attribute in sorted(named):
+                for value in values[attribute]:
+                    if value == truth[attribute]:
+                        continue
+                    drawn = ds._apply_view(torch.from_numpy(
+                        ds._redraw({**truth, attribute: value})).permute(2, 0, 1), 0, 0, False)
+                    if all(torch.equal(a, b) for a, b in zip(drawn, pictures, strict=True)):
+                        matches.append(attribute)
+            assert len(matches) == 1, (index, k, matches)
+            changed += matches
+            assert (pictures[1] - item["imgs"][1][0]).abs().max() > 0.1
+        if len(named) == count:  # the attributes take turns
+            assert len(set(changed)) == len(changed)
+        pairs += len(changed) == 2
+        seen.update(changed)
+    assert seen == {"shape", "size"} and (pairs > 0) == (count == 2)
+    sizes = TextImageDataset(shapes_cfg("TRAIN.RANDOM_CROP=False", "TRAIN.FLIP=False"), "train",
+                             tokenizer, [32], views=1, use_cache=False,
+                             contradicting=("size",), contradicting_count=count)
+    unnamed = 0
+    for index in range(len(sizes)):
+        torch.manual_seed(index)
+        item = sizes[index]
+        if not item["contra_mask"].any():  # neither caption names a size: the own picture
+            unnamed += 1
+            assert all(torch.equal(x, item["imgs"][0][0]) for x in item["contra_imgs"][0])
+    assert unnamed > 0
     with pytest.raises(DataError, match="D_NEGATIVE_PICTURE_ATTRIBUTES"):
         TextImageDataset(shapes_cfg(), "train", tokenizer, [32], contradicting=("place",))
 

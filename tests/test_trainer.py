@@ -272,30 +272,35 @@ def test_blurred_reals_are_d_negatives_of_their_captions(gan_cfg, monkeypatch) -
                        progress=False)
 
 
-def test_contradicting_pictures_are_mismatched_pairs_of_their_captions(gan_cfg) -> None:
-    """TRAIN.D_NEGATIVE_PICTURES w: each D also scores the batch's contradicting pictures with
-    the caption each contradicts (a row of the step's sentences) on its conditional logit, as a
-    mismatch: D's loss = the DM-GAN terms + w · mean BCE(logit, 0) (logged as D<i>_pictures)."""
+@pytest.mark.parametrize("count", [1, 2])
+def test_contradicting_pictures_are_mismatched_pairs_of_their_captions(gan_cfg, count) -> None:
+    """TRAIN.D_NEGATIVE_PICTURES w: each D also scores the batch's contradicting pictures (N =
+    D_NEGATIVE_PICTURE_COUNT per item) with the caption each contradicts (a row of the step's
+    sentences) on its conditional logit, as a mismatch: D's loss = the DM-GAN terms + w · mean
+    BCE(logit, 0) over the kept pictures (logged as D<i>_pictures)."""
     from miscc.losses import discriminator_loss, negative_loss
 
-    trainer = GANTrainer(gan_cfg("TRAIN.D_NEGATIVE_PICTURES=0.5"), CPU, progress=False)
+    trainer = GANTrainer(gan_cfg("TRAIN.D_NEGATIVE_PICTURES=0.5",
+                                 f"TRAIN.D_NEGATIVE_PICTURE_COUNT={count}"), CPU, progress=False)
     calls = []
     for d in trainer.netDs:
         d.register_forward_hook(lambda m, a, o: calls.append((a, o)))
     batch = next(iter(trainer.loader))
-    assert batch["contra_mask"].all()  # every shapes caption names the shape
-    batch["contra_mask"][0] = False  # a row without a contradicting picture is left out
+    assert batch["contra_mask"].shape == (4, count) and batch["contra_mask"][:, 0].all()
+    batch["contra_mask"][0, 0] = False  # a picture without a contradiction is left out
     batch["contra_cap"][1:3] = torch.tensor([0, 1])  # pictures against either caption
     stats = trainer.train_step(batch)
     b = batch["imgs"][0].shape[0]
     halves = (slice(0, b), slice(b, 2 * b))
-    keep = batch["contra_mask"]
+    keep = batch["contra_mask"].flatten()
     for i in range(len(trainer.netDs)):
         (real_args, (ru, rc, wc)), (_, (fu, fc, _)), (args, (_, cc, _)) = calls[3 * i: 3 * i + 3]
         images, sent = args[:2]
-        assert torch.equal(images, batch["contra_imgs"][i])
-        rows = batch["contra_cap"] * b + torch.arange(b)
-        assert torch.equal(sent, real_args[1][rows])
+        assert images.shape[0] == b * count
+        for k in range(count):  # item by item: item j's pictures are rows j·N .. j·N + N - 1
+            assert torch.equal(images[k::count], batch["contra_imgs"][i][:, k])
+            rows = batch["contra_cap"] * b + torch.arange(b)
+            assert torch.equal(sent[k::count], real_args[1][rows])
         pictures = negative_loss([cc[keep]]).detach()
         assert stats[f"D{i}_pictures"] == pytest.approx(float(pictures), rel=1e-5)
         rest = sum(discriminator_loss(ru, rc[h], fu[h], fc[h], wc[h]) for h in halves).detach()
@@ -305,6 +310,8 @@ def test_contradicting_pictures_are_mismatched_pairs_of_their_captions(gan_cfg) 
     assert not any(k.endswith("_pictures") for k in plain.train_step(batch))
     with pytest.raises(ConfigError, match="TRAIN.D_NEGATIVE_PICTURES"):
         GANTrainer(gan_cfg("TRAIN.D_NEGATIVE_PICTURES=-1"), CPU, progress=False)
+    with pytest.raises(ConfigError, match="TRAIN.D_NEGATIVE_PICTURE_COUNT is 0"):
+        GANTrainer(gan_cfg("TRAIN.D_NEGATIVE_PICTURE_COUNT=0"), CPU, progress=False)
 
 
 def test_text_ramp_lets_the_adversarial_terms_train_alone_first(gan_cfg) -> None:
