@@ -83,8 +83,9 @@ def test_ema_decay_warm_up_cap_and_lerp_direction_by_hand() -> None:
 def test_training_updates_the_ema_after_every_step_and_saves_it(gan_cfg, tmp_path) -> None:
     """Through the real loop: the EMA starts as a copy of G, is updated once after every G
     step with n = 0, 1, 2 (EMA_DECAY 0.999 is still warming up), and netG_step_3.pth holds it
-    (not G)."""
-    trainer = GANTrainer(gan_cfg("TRAIN.MAX_STEPS=3"), CPU, progress=False)
+    (not G), with G's buffers as released (TRAIN.EMA_BN_BATCHES 0)."""
+    trainer = GANTrainer(gan_cfg("TRAIN.MAX_STEPS=3", "TRAIN.EMA_BN_BATCHES=0"), CPU,
+                         progress=False)
     names = [n for n, _ in unwrap(trainer.netG).named_parameters()]
     start = dict(unwrap(trainer.netG).named_parameters())
     ema = {n: p.detach().double().clone() for n, p in trainer.ema.named_parameters()}
