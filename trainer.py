@@ -164,6 +164,9 @@ class GANTrainer(EpochTrainer):
         if not 0.0 <= float(cfg.TRAIN.TEXT_RAMP) <= 1.0:
             raise ConfigError(f"TRAIN.TEXT_RAMP is {cfg.TRAIN.TEXT_RAMP}: expected a fraction of "
                               "the training in [0, 1] (0 = the text terms at full weight)")
+        if int(cfg.TRAIN.EMA_BN_BATCHES) < 0:
+            raise ConfigError(f"TRAIN.EMA_BN_BATCHES is {cfg.TRAIN.EMA_BN_BATCHES}: expected a "
+                              "number of batches >= 0 (0 = the EMA keeps G's statistics)")
         decay = float(cfg.TRAIN.LR_DECAY_START)
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"TRAIN.LR_DECAY_START is {decay}: expected a fraction of the "
@@ -179,9 +182,6 @@ class GANTrainer(EpochTrainer):
                                                         rank, world)
         self.text = (text_feature_cache(cfg, "train", self.dataset.tokens, self.encoder, device,
                                         self.progress) if cfg.TRAIN.TEXT_CACHE else None)
-        if int(cfg.TRAIN.EMA_BN_BATCHES) < 0:
-            raise ConfigError(f"TRAIN.EMA_BN_BATCHES is {cfg.TRAIN.EMA_BN_BATCHES}: expected a "
-                              "number of batches >= 0 (0 = the EMA keeps G's statistics)")
 
         self.edits = self._edit_features(tokenizer)
         self.arch = gan_arch(cfg, self.encoder.embed_dim)
